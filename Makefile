@@ -1,0 +1,47 @@
+# smtp521 -- see README.md.  Honours CXX, CXXFLAGS, CPPFLAGS, LDFLAGS,
+# PREFIX and DESTDIR.
+
+CXX      ?= g++
+CXXFLAGS ?= -O2 -g
+PREFIX   ?= /usr/local
+SBINDIR  ?= $(PREFIX)/sbin
+MANDIR   ?= $(PREFIX)/share/man
+DOCDIR   ?= $(PREFIX)/share/doc/smtp521
+UNITDIR  ?= $(PREFIX)/lib/systemd/system
+PYTHON   ?= python3
+
+# Always on, whatever CXXFLAGS says: the language level, warnings, and the
+# hardening Debian applies to network daemons.
+WARN     = -std=c++17 -Wall -Wextra -Wpedantic -Wshadow -Wconversion
+HARDEN   = -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fstack-clash-protection -fPIE
+LDHARDEN = -pie -Wl,-z,relro -Wl,-z,now -Wl,-z,noexecstack
+SANITIZE = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+
+all: smtp521
+
+smtp521: smtp521.cpp
+	$(CXX) $(WARN) $(HARDEN) $(CPPFLAGS) $(CXXFLAGS) $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+
+# The same program under AddressSanitizer and UndefinedBehaviorSanitizer.
+smtp521-asan: smtp521.cpp
+	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(CPPFLAGS) -o $@ smtp521.cpp
+
+test/catch_main.o: test/catch_main.cpp
+	$(CXX) -std=c++17 -O1 $(CPPFLAGS) -c -o $@ test/catch_main.cpp
+
+test/catch_main-asan.o: test/catch_main.cpp
+	$(CXX) -std=c++17 -O1 $(SANITIZE) $(CPPFLAGS) -c -o $@ test/catch_main.cpp
+
+test/unit: test/unit.cpp smtp521.cpp test/catch_main.o
+	$(CXX) $(WARN) -O1 -g $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main.o
+
+test/unit-asan: test/unit.cpp smtp521.cpp test/catch_main-asan.o
+	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main-asan.o
+
+check: smtp521 smtp521-asan test/unit test/unit-asan
+	$(PYTHON) test/run
+
+clean:
+	rm -f smtp521 smtp521-asan test/unit test/unit-asan test/*.o
+
+.PHONY: all check clean

@@ -1,0 +1,335 @@
+"""The real binary, started as a super-server starts it: fds 0 and 1 are one
+end of a socketpair or of an accepted loopback TCP connection."""
+import os
+import socket
+import subprocess
+import time
+
+from harness import Child, crlf, fields, test
+
+GREET = b"220 mx.test ESMTP does not accept mail\r\n"
+GREET_521 = b"521 mx.test does not accept mail\r\n"
+REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
+BYE = b"221 mx.test closing connection\r\n"
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+def log_of(child):
+    text = child.stderr.decode("ascii")
+    assert text.count("\n") == 1 and text.endswith("\n"), f"one log line expected: {text!r}"
+    return fields(text.rstrip("\n"))
+
+
+@test
+def dialog_over_a_socket(binary):
+    c = Child(binary, ["-H", "mx.test", "-l", "stderr"])
+    c.send(crlf("EHLO a", "MAIL FROM:<x@y>", "RCPT TO:<u@v>", "DATA", "QUIT"))
+    out = c.read_until_eof()
+    assert out == GREET + b"250 mx.test\r\n250 2.1.0 Ok\r\n" + REFUSAL + REFUSAL + BYE, out
+    assert c.wait() == 0
+    log = log_of(c)
+    assert log["end"] == "quit" and log["commands"] == "5" and log["rcpt"] == "<u@v>", log
+
+
+@test
+def greeting_comes_before_any_input(binary):
+    c = Child(binary, ["-H", "mx.test", "-r", "greeting", "-l", "none"])
+    assert c.read_lines(1) == GREET_521
+    c.send(crlf("QUIT"))
+    assert c.read_until_eof() == BYE
+    assert c.wait() == 0
+
+
+@test
+def early_talker_is_greeted_first(binary):
+    c = Child(binary, ["-H", "mx.test", "-l", "none"])
+    c.send(crlf("EHLO early", "QUIT"))
+    assert c.read_until_eof() == GREET + b"250 mx.test\r\n" + BYE
+    assert c.wait() == 0
+
+
+@test
+def replies_of_one_batch_come_in_one_write(binary):
+    # R16: 20 pipelined commands sent at once; all 21 lines arrive, in order,
+    # and (on a socketpair) in one read.
+    c = Child(binary, ["-H", "mx.test", "-l", "none"])
+    assert c.read_lines(1) == GREET
+    c.send(crlf(*(["NOOP"] * 19)))
+    time.sleep(0.3)
+    c.client.settimeout(5)
+    chunk = c.client.recv(65536)
+    assert chunk == b"250 2.0.0 Ok\r\n" * 19, chunk
+    c.send(crlf("QUIT"))
+    assert c.read_until_eof() == BYE
+    assert c.wait() == 0
+
+
+@test
+def close_mode_closes_after_greeting(binary):
+    c = Child(binary, ["-H", "mx.test", "-c", "-l", "stderr"])
+    assert c.read_until_eof(timeout=3) == GREET_521
+    assert c.wait() == 0
+    assert c.elapsed < 2.0
+    assert log_of(c)["end"] == "close"
+
+
+@test
+def silent_client_cut_at_deadline(binary):
+    # R5: -t 1 closes within about a second of the deadline.
+    c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"])
+    t0 = time.monotonic()
+    out = c.read_until_eof(timeout=5)
+    took = time.monotonic() - t0
+    assert out == GREET
+    assert 0.9 <= took <= 2.0, took
+    assert c.wait() == 0
+    assert log_of(c)["end"] == "timeout"
+
+
+@test
+def trickling_client_cut_at_deadline(binary):
+    # R5: the deadline is for the session, not for silence: one byte every
+    # 200 ms does not keep it open.
+    c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"])
+    t0 = time.monotonic()
+    c.client.setblocking(False)
+    got = b""
+    closed_at = None
+    while time.monotonic() - t0 < 4:
+        try:
+            c.client.send(b"N")
+        except OSError:
+            pass
+        time.sleep(0.2)
+        try:
+            chunk = c.client.recv(4096)
+            if chunk == b"":
+                closed_at = time.monotonic() - t0
+                break
+            got += chunk
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed_at = time.monotonic() - t0
+            break
+    assert closed_at is not None, "never closed"
+    assert closed_at <= 2.2, closed_at
+    assert got == GREET
+    assert c.wait() == 0
+    assert log_of(c)["end"] == "timeout"
+
+
+def peak_rss_kib(binary, payload, reply):
+    """Peak resident memory (VmHWM, KiB) of a session after `payload` has been
+    answered with `reply`.  Read from /proc while the process lives: unlike
+    ru_maxrss it does not carry over the forking parent's size."""
+    c = Child(binary, ["-H", "mx.test", "-l", "none"])
+    c.send(payload)
+    assert c.read_lines(2, timeout=20) == GREET + reply
+    with open(f"/proc/{c.proc.pid}/status") as f:
+        hwm = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    c.send(crlf("QUIT"))
+    assert c.read_until_eof() == BYE
+    assert c.wait(timeout=20) == 0
+    return hwm
+
+
+@test
+def megabyte_line_keeps_memory_bounded(binary):
+    # R8: a 1 MiB line is answered once; peak memory is that of a plain
+    # session, compared within the same binary.
+    base = peak_rss_kib(binary, crlf("NOOP"), b"250 2.0.0 Ok\r\n")
+    big = peak_rss_kib(binary, b"MAIL FROM:<" + b"a" * (1 << 20) + b">\r\n", REFUSAL)
+    assert big - base < 128, (base, big)
+
+
+@test
+def peer_closes_at_once(binary):
+    c = Child(binary, ["-H", "mx.test", "-l", "stderr"])
+    c.client.close()
+    assert c.wait(timeout=5) == 0
+    assert c.elapsed < 2
+    end = log_of(c)["end"]
+    # Which syscall notices first depends on timing: EOF, EPIPE or ECONNRESET.
+    assert end in ("eof", "read-error", "write-error"), end
+
+
+@test
+def peer_resets_mid_session(binary):
+    c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp")
+    c.send(crlf("EHLO a", "NOOP"))
+    c.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.client.close()  # RST
+    assert c.wait(timeout=5) == 0
+    assert c.elapsed < 2
+    assert log_of(c)["end"] in ("eof", "read-error", "write-error")
+
+
+@test
+def peer_that_never_reads_is_cut_at_deadline(binary):
+    # The client floods commands and reads nothing: our writes fill the
+    # socket buffer, and the deadline still ends the session.
+    c = Child(binary, ["-H", "mx.test", "-t", "2", "-n", "100000", "-l", "stderr"])
+    c.client.setblocking(False)
+    t0 = time.monotonic()
+    payload = b"NOOP\r\n" * 20000
+    while c.alive() and time.monotonic() - t0 < 6:
+        try:
+            c.client.send(payload)
+        except (BlockingIOError, OSError):
+            time.sleep(0.05)
+    assert c.wait(timeout=6) == 0
+    assert c.elapsed < 3.2, c.elapsed
+    assert log_of(c)["end"] == "timeout"
+
+
+@test
+def closed_peer_causes_no_sigpipe(binary):
+    # Many commands, then the peer vanishes while replies are due: the
+    # process must exit 0 (EPIPE handled), not die of SIGPIPE.
+    c = Child(binary, ["-H", "mx.test", "-n", "100000", "-l", "stderr"])
+    c.send(b"NOOP\r\n" * 5000)
+    c.client.close()
+    assert c.wait(timeout=5) == 0, c.returncode
+    assert log_of(c)["end"] in ("write-error", "eof")
+
+
+@test
+def last_reply_survives_pipelined_data_after_quit(binary):
+    # R17 over real TCP: QUIT followed at once by 200 KiB the server never
+    # reads.  Without half-close and drain, the kernel resets the connection
+    # and the 221 is lost.
+    c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp")
+    assert c.read_lines(1) == GREET
+    c.send(crlf("QUIT") + b"X" * (200 * 1024))
+    out = c.read_until_eof(timeout=5)
+    assert out == BYE, out
+    assert c.wait() == 0
+    assert log_of(c)["end"] == "quit"
+
+
+@test
+def http_and_tls_closed_at_once(binary):
+    for payload, end in ((b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
+                         (b"\x16\x03\x01\x00\xf1\x01\x00\x00\xed\x03\x03" + os.urandom(200), "tls")):
+        c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp")
+        c.send(payload)
+        assert c.read_until_eof(timeout=3) == GREET
+        assert c.wait() == 0
+        assert c.elapsed < 2
+        assert log_of(c)["end"] == end
+
+
+@test
+def peer_address_from_getpeername(binary):
+    c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp",
+              env={"REMOTE_ADDR": "192.0.2.9", "REMOTE_PORT": "9"})
+    port = c.client.getsockname()[1]
+    c.send(crlf("QUIT"))
+    c.read_until_eof()
+    assert c.wait() == 0
+    assert log_of(c)["peer"] == f"127.0.0.1:{port}"
+
+
+def run_pipe(binary, args, stdin=b"", env=None):
+    return subprocess.run([binary] + args, input=stdin, capture_output=True, timeout=10,
+                          env=env if env is not None else ENV)
+
+
+@test
+def peer_address_from_environment(binary):
+    cases = [
+        ({"REMOTE_ADDR": "192.0.2.7", "REMOTE_PORT": "4242"}, "192.0.2.7:4242"),
+        ({"REMOTE_ADDR": "2001:db8::7", "REMOTE_PORT": "25"}, "[2001:db8::7]:25"),
+        ({"TCPREMOTEIP": "198.51.100.3", "TCPREMOTEPORT": "1025"}, "198.51.100.3:1025"),
+        ({"REMOTE_ADDR": "evil addr\n"}, "evil\\x20addr\\x0a"),
+        ({}, "local"),
+    ]
+    for env, peer in cases:
+        p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], crlf("QUIT"), dict(ENV, **env))
+        assert p.returncode == 0
+        assert fields(p.stderr.decode().rstrip("\n"))["peer"] == peer, (env, p.stderr)
+
+
+@test
+def log_line_is_one_printable_line(binary):
+    junk = bytes(range(256)) * 4 + b"\r\n" + b"HELO " + bytes(range(1, 256)) + b"\r\nMAIL FROM:<\x00\n>\r\n"
+    p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], junk)
+    assert p.returncode == 0
+    line = p.stderr
+    assert line.endswith(b"\n") and line.count(b"\n") == 1, line
+    assert all(0x20 <= b < 0x7f for b in line[:-1]), line
+    f = fields(line.decode().rstrip("\n"))
+    assert set(f) == {"peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts"}, f
+
+
+@test
+def log_none_writes_nothing(binary):
+    p = run_pipe(binary, ["-H", "mx.test", "-l", "none"], crlf("QUIT"))
+    assert p.returncode == 0 and p.stderr == b"" and p.stdout == GREET + BYE
+
+
+BAD_OPTIONS = [
+    ["-t", "abc"], ["-t", "0"], ["-t", "-5"], ["-t", "86401"], ["-t", "99999999999999999999"], ["-t", ""],
+    ["-n", "0"], ["-n", "x"], ["-n", "100001"], ["-H", "two words"], ["-H", "tab\there"], ["-H", ""],
+    ["-H", "a" * 256], ["-m", "line\r\nbreak"], ["-m", ""], ["-m", "bell\a"], ["-l", "file"], ["-r", "mail"],
+    ["-x"], ["--bogus"], ["-t"], ["extra-argument"], ["-c", "-r", "rcpt"],
+    ["-H", "n" * 255, "-m", "t" * 250],
+]
+
+
+@test
+def bad_options_exit_64_with_one_line(binary):
+    for args in BAD_OPTIONS:
+        p = run_pipe(binary, args, crlf("QUIT"))
+        assert p.returncode == 64, (args, p.returncode)
+        assert p.stdout == b"", (args, p.stdout)
+        err = p.stderr.decode()
+        assert err.startswith("smtp521: ") and err.count("\n") == 1, (args, err)
+
+
+@test
+def bad_options_never_reach_the_connection(binary):
+    # Under inetd fd 2 is the connection too: the error must not go there.
+    for args in (["-t", "abc"], ["--bogus"], ["-H", "two words"]):
+        c = Child(binary, args, stderr_is_socket=True)
+        out = c.read_until_eof(timeout=3)
+        assert c.wait() == 64
+        assert out == b"", (args, out)
+
+
+@test
+def log_to_stderr_never_reaches_the_connection(binary):
+    # -l stderr when fd 2 is the connection falls back to syslog.
+    c = Child(binary, ["-H", "mx.test", "-l", "stderr", "-r", "greeting"], stderr_is_socket=True)
+    c.send(crlf("QUIT"))
+    out = c.read_until_eof()
+    assert c.wait() == 0
+    assert out == GREET_521 + BYE, out
+
+
+@test
+def help_and_version(binary):
+    p = run_pipe(binary, ["--help"])
+    assert p.returncode == 0 and p.stderr == b""
+    text = p.stdout.decode()
+    for opt in ("--refuse-at", "--close", "--hostname", "--message", "--timeout", "--max-commands", "--log",
+                "--version", "--help"):
+        assert opt in text, opt
+    p = run_pipe(binary, ["-V"])
+    assert p.returncode == 0 and p.stdout.startswith(b"smtp521 ") and p.stdout.count(b"\n") == 1
+
+
+@test
+def default_hostname_is_the_kernels(binary):
+    p = run_pipe(binary, ["-l", "none"], crlf("QUIT"))
+    name = socket.gethostname().encode()
+    assert p.stdout == b"220 " + name + b" ESMTP does not accept mail\r\n221 " + name + b" closing connection\r\n"
+
+
+@test
+def long_options_work(binary):
+    p = run_pipe(binary, ["--hostname=mx.test", "--refuse-at=greeting", "--message", "no mail here",
+                          "--timeout", "5", "--max-commands", "2", "--log", "stderr"], crlf("NOOP", "NOOP", "NOOP"))
+    assert p.stdout == (b"521 mx.test no mail here\r\n" + b"521 5.3.2 mx.test no mail here\r\n" * 2), p.stdout
+    assert fields(p.stderr.decode().rstrip())["end"] == "limit"
