@@ -41,7 +41,28 @@ test/unit-asan: test/unit.cpp smtp521.cpp test/catch_main-asan.o
 check: smtp521 smtp521-asan test/unit test/unit-asan
 	$(PYTHON) test/run
 
+# Install into $(DESTDIR)$(PREFIX); the service unit's ExecStart follows
+# SBINDIR.
+install: smtp521
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR)
+	install -m 755 smtp521 $(DESTDIR)$(SBINDIR)/smtp521
+	install -m 644 man/smtp521.8 $(DESTDIR)$(MANDIR)/man8/smtp521.8
+	install -m 644 smtp521.socket $(DESTDIR)$(UNITDIR)/smtp521.socket
+	sed 's|^ExecStart=/usr/local/sbin/smtp521|ExecStart=$(SBINDIR)/smtp521|' smtp521@.service \
+		> $(DESTDIR)$(UNITDIR)/smtp521@.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/smtp521@.service
+	sed 's|/usr/local/sbin/smtp521|$(SBINDIR)/smtp521|' inetd.conf.example \
+		> $(DESTDIR)$(DOCDIR)/inetd.conf.example
+	chmod 644 $(DESTDIR)$(DOCDIR)/inetd.conf.example
+	install -m 644 README.md $(DESTDIR)$(DOCDIR)/README.md
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/smtp521 $(DESTDIR)$(MANDIR)/man8/smtp521.8 \
+		$(DESTDIR)$(UNITDIR)/smtp521.socket $(DESTDIR)$(UNITDIR)/smtp521@.service \
+		$(DESTDIR)$(DOCDIR)/inetd.conf.example $(DESTDIR)$(DOCDIR)/README.md
+	-rmdir $(DESTDIR)$(DOCDIR)
+
 clean:
 	rm -f smtp521 smtp521-asan test/unit test/unit-asan test/*.o
 
-.PHONY: all check clean
+.PHONY: all check clean install uninstall

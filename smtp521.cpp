@@ -547,7 +547,8 @@ struct LogLine {
 
 // The peer, as "address:port" (IPv6 in brackets): getpeername() on fd 0;
 // else the super-server's environment (systemd, then tcpserver); else
-// "local" (a pipe or a file).
+// "local" (a pipe or a file).  Read at the start: once the connection is
+// closed getpeername() fails with ENOTCONN.
 void add_peer(LogLine& log, int fd) {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
@@ -597,9 +598,9 @@ void add_peer(LogLine& log, int fd) {
 }
 
 // peer= end= commands= duration= helo= mail= rcpt= rcpts=
-void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, int peer_fd) {
+void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, std::string_view peer) {
     log.add("peer=");
-    add_peer(log, peer_fd);
+    log.add(peer);
     log.add(" end=");
     log.add(end_reason_name(end));
     log.add(" commands=");
@@ -842,11 +843,14 @@ int main(int argc, char** argv) {
     connection.out_is_socket = is_socket(connection.out);
     const Millis deadline = start + static_cast<Millis>(options.timeout_seconds) * 1000;
 
+    static LogLine peer;
+    if (options.log != LogTarget::none) add_peer(peer, connection.in);
+
     Session session(replies, options.mode, options.max_commands);
     EndReason end = run(session, connection, deadline);
 
     static LogLine log;
-    format_log(log, session, end, now_ms() - start, connection.in);
+    format_log(log, session, end, now_ms() - start, peer.view());
     emit_log(options.log, LOG_INFO, log.view());
     return exit_ok;
 }

@@ -227,6 +227,7 @@ def peer_address_from_getpeername(binary):
     port = c.client.getsockname()[1]
     c.send(crlf("QUIT"))
     c.read_until_eof()
+    c.client.close()  # the connection is gone by the time the log is written
     assert c.wait() == 0
     assert log_of(c)["peer"] == f"127.0.0.1:{port}"
 
