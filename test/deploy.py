@@ -1,8 +1,10 @@
 """Deployment: the systemd units, the inetd line, the man page and `make
 install`, and smtp521 under the real super-servers (systemd-socket-activate,
 openbsd-inetd, tcpserver), with syslog captured on a private /dev/log."""
+import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -439,3 +441,152 @@ def syslog_line_field_by_field(binary):
     assert f["rcpt"] == "<x@mx.test>,<y@mx.test>" and f["rcpts"] == "2"
     assert bad.returncode == 64 and bad.stdout == b""
     assert len(errs) == 1 and parse_syslog(errs[0])[0] == LOG_MAIL_ERR and "--log 'file'" in errs[0], errs
+
+
+# ------------------------------------------------------------ real systemd
+
+class Systemd:
+    """A private systemd (test/with-systemd) that knows only the given units."""
+
+    def __init__(self, unitdir, binary):
+        self.proc = subprocess.Popen([os.path.join(ROOT, "test", "with-systemd"), unitdir, binary],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.pid = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and self.pid is None:
+            # PID 1 of the namespace: the child of unshare's fork.
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                    kids = f.read().split()
+                if kids:
+                    with open(f"/proc/{kids[0]}/cmdline", "rb") as f:
+                        if f.read().startswith(b"/lib/systemd/systemd\0"):
+                            self.pid = int(kids[0])
+            except OSError:
+                pass
+            time.sleep(0.05)
+        assert self.pid, "systemd did not start"
+        while time.monotonic() < deadline:
+            state = self.ctl("is-system-running", check=False).stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"systemd not running: {state}")
+
+    def ctl(self, *args, check=True, tool="systemctl"):
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", tool, "--no-pager"] + list(args),
+                              capture_output=True, text=True, check=check, timeout=30)
+
+    def stop(self):
+        try:
+            os.kill(self.pid, 9)  # SIGTERM would make PID 1 re-execute
+        except (ProcessLookupError, TypeError):
+            pass
+        self.proc.wait(timeout=10)
+
+
+def systemd_units(port_ours, port_default):
+    """The shipped units with only the port changed, and a copy of the
+    socket with systemd's default trigger limit, for comparison."""
+    d = tempfile.mkdtemp(prefix="smtp521-units-")
+    os.chmod(d, 0o755)
+    with open(os.path.join(ROOT, "smtp521.socket")) as f:
+        sock = f.read()
+    with open(os.path.join(ROOT, "smtp521@.service")) as f:
+        svc = f.read()
+    assert "\nListenStream=25\n" in sock and "\nTriggerLimitIntervalSec=0\n" in sock
+    files = {
+        "smtp521.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_ours}\n"),
+        "smtp521@.service": svc,
+        "smtp521-default.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_default}\n")
+                                      .replace("\nTriggerLimitIntervalSec=0\n", "\n"),
+        "smtp521-default@.service": svc,
+    }
+    for name, text in files.items():
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    return d
+
+
+def burst_concurrent(port, count):
+    """Open `count` connections as fast as possible, then close them all."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+    time.sleep(1)
+    for s in socks:
+        s.close()
+
+
+def session_works(port, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            out, _ = talk(port, SESSION_IN, timeout=5)
+            name = socket.gethostname().encode()
+            if out == SESSION_OUT.replace(b"mx.test", name):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+@test
+def under_real_systemd_accept_yes(binary):
+    # The shipped units, sandbox and all, under a real systemd: a session,
+    # its journal entry (facility mail, ident smtp521, a dynamic user), and a
+    # burst of 1000 connections in about a second.  systemd's default trigger
+    # limit (200 in 2 s) fails the comparison socket and closes its port;
+    # ours stays up.
+    port_ours, port_default = free_port(), free_port()
+    unitdir = systemd_units(port_ours, port_default)
+    sd = Systemd(unitdir, binary)
+    try:
+        sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket",
+               "smtp521-default.socket")
+        out, local = talk(port_ours, SESSION_IN)
+        name = socket.gethostname().encode()
+        assert out == SESSION_OUT.replace(b"mx.test", name), out
+        time.sleep(0.5)
+        entries = sd.ctl("-t", "smtp521", "-o", "json", tool="journalctl").stdout.splitlines()
+        entries = [json.loads(e) for e in entries]
+        assert len(entries) == 1, entries
+        e = entries[0]
+        assert e["SYSLOG_FACILITY"] == "2" and e["PRIORITY"] == "6", e
+        assert int(e["_UID"]) >= 61184, e  # DynamicUser's range
+        f = fields(e["MESSAGE"])
+        assert f["peer"] == f"127.0.0.1:{local}" and f["end"] == "quit" and f["rcpt"] == "<b@mx.test>", f
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+        def state(unit):
+            return sd.ctl("is-active", unit, check=False).stdout.strip()
+
+        burst_concurrent(port_default, 1000)
+        deadline = time.monotonic() + 10
+        while state("smtp521-default.socket") != "failed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        default = state("smtp521-default.socket")
+        burst_concurrent(port_ours, 1000)
+        time.sleep(3)
+        ours = state("smtp521.socket")
+        print(f"     after 1000 connections: smtp521.socket {ours}, with the default trigger limit {default}")
+        assert ours == "active", ours
+        assert default == "failed", default
+        assert session_works(port_ours)
+        assert not session_works(port_default, timeout=1)
+        failed = sd.ctl("list-units", "--state=failed", "--plain", "--no-legend", "smtp521@*").stdout.strip()
+        assert failed == "", failed  # no session instance ended in failure
+    finally:
+        sd.stop()
+        shutil.rmtree(unitdir)
