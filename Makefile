@@ -41,6 +41,16 @@ test/unit-asan: test/unit.cpp smtp521.cpp test/catch_main-asan.o
 check: smtp521 smtp521-asan test/unit test/unit-asan
 	$(PYTHON) test/run
 
+# Real senders (Postfix, Exim, OpenSMTPD, swaks, msmtp, smtplib, curl)
+# against every mode.  It installs and replaces MTAs: run it on a test
+# machine.  It writes test/interop-table.md; `make readme` puts that table
+# into README.md.
+interop: smtp521
+	cd test && $(PYTHON) interop.py
+
+readme: test/interop-table.md
+	$(PYTHON) test/splice-readme README.md test/interop-table.md
+
 # Install into $(DESTDIR)$(PREFIX); the service unit's ExecStart follows
 # SBINDIR.
 install: smtp521
@@ -65,4 +75,4 @@ uninstall:
 clean:
 	rm -f smtp521 smtp521-asan test/unit test/unit-asan test/*.o
 
-.PHONY: all check clean install uninstall
+.PHONY: all check clean install uninstall interop readme
