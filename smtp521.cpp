@@ -206,6 +206,14 @@ constexpr std::size_t logged_rcpts = 3;
 
 enum class Verb { other, helo, ehlo, mail, rcpt, rset, noop, quit };
 
+// string_view::substr throws std::out_of_range; these clamp instead, so
+// nothing here can throw, and a static build links no exception machinery
+// (libstdc++'s emergency pool alone is a 70 KiB allocation at start).
+constexpr std::string_view head(std::string_view s, std::size_t n) { return {s.data(), n < s.size() ? n : s.size()}; }
+constexpr std::string_view tail(std::string_view s, std::size_t from) {
+    return from < s.size() ? std::string_view(s.data() + from, s.size() - from) : std::string_view();
+}
+
 constexpr char to_upper(char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 'a' + 'A') : c; }
 
 // RFC 5321 2.4: verbs are case-insensitive.  A verb is the whole first word.
@@ -232,7 +240,7 @@ constexpr bool is_http_request(std::string_view line) {
     constexpr std::string_view methods[] = {"GET ",    "POST ",  "HEAD ",    "PUT ",  "DELETE ",
                                             "OPTIONS ", "PATCH ", "CONNECT ", "TRACE "};
     for (auto method : methods)
-        if (line.substr(0, method.size()) == method) return true;
+        if (head(line, method.size()) == method) return true;
     return false;
 }
 
@@ -241,7 +249,7 @@ constexpr bool is_http_request(std::string_view line) {
 constexpr std::string_view argument_of(std::string_view line) {
     std::size_t i = 4;
     while (i < line.size() && line[i] == ' ') ++i;
-    std::string_view rest = line.substr(i < line.size() ? i : line.size());
+    std::string_view rest = tail(line, i);
     for (std::string_view prefix : {std::string_view("FROM:"), std::string_view("TO:")}) {
         bool match = rest.size() >= prefix.size();
         for (std::size_t k = 0; match && k < prefix.size(); ++k) match = to_upper(rest[k]) == prefix[k];
@@ -255,7 +263,7 @@ constexpr std::string_view argument_of(std::string_view line) {
     const bool bracketed = rest.front() == '<';
     std::size_t end = bracketed ? rest.find('>') : rest.find(' ');
     if (end == std::string_view::npos) return rest;
-    return rest.substr(0, bracketed ? end + 1 : end);
+    return head(rest, bracketed ? end + 1 : end);
 }
 
 // The protocol, with no I/O: bytes in, reply bytes out, an end reason.
@@ -276,9 +284,9 @@ public:
     std::size_t feed(std::string_view input, Output& out) {
         std::size_t used = 0;
         while (used < input.size() && end_ == EndReason::none && out.room() >= max_reply) {
-            std::string_view rest = input.substr(used);
+            std::string_view rest = tail(input, used);
             std::size_t newline = rest.find('\n');
-            std::string_view chunk = rest.substr(0, newline);
+            std::string_view chunk = head(rest, newline);
             // R8: keep at most one line's worth; the rest of a long line
             // is counted, not stored.
             std::size_t keep = chunk.size() < line_capacity - line_length_ ? chunk.size()
@@ -825,7 +833,7 @@ int main(int argc, char** argv) {
     int status = exit_ok;
     if (parse_options(argc, argv, options, hostname_buffer, sizeof hostname_buffer, status) != Parse::run)
         return status;
-    static Replies replies;
+    Replies replies;
     if (!build_replies(options, replies))
         return usage_error("--hostname and --message make a reply longer than %zu octets (RFC 5321 4.5.3.1.5)",
                            max_reply);
@@ -843,13 +851,13 @@ int main(int argc, char** argv) {
     connection.out_is_socket = is_socket(connection.out);
     const Millis deadline = start + static_cast<Millis>(options.timeout_seconds) * 1000;
 
-    static LogLine peer;
+    LogLine peer;
     if (options.log != LogTarget::none) add_peer(peer, connection.in);
 
     Session session(replies, options.mode, options.max_commands);
     EndReason end = run(session, connection, deadline);
 
-    static LogLine log;
+    LogLine log;
     format_log(log, session, end, now_ms() - start, peer.view());
     emit_log(options.log, LOG_INFO, log.view());
     return exit_ok;
