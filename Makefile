@@ -47,7 +47,20 @@ test/unit: test/unit.cpp smtp521.cpp test/catch_main.o
 test/unit-asan: test/unit.cpp smtp521.cpp test/catch_main-asan.o
 	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main-asan.o
 
-check: smtp521 smtp521-asan test/unit test/unit-asan
+# libFuzzer target of the session core (clang, libclang-rt-14-dev).
+FUZZ_CXX     ?= clang++
+FUZZ_SECONDS ?= 300
+test/fuzz: test/fuzz.cpp smtp521.cpp
+	$(FUZZ_CXX) -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined $(CPPFLAGS) -o $@ test/fuzz.cpp
+
+# Fuzz for FUZZ_SECONDS; new inputs go to a temporary directory, never into
+# the committed corpus.
+fuzz: test/fuzz
+	work=$$(mktemp -d) && ./test/fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		-artifact_prefix=$$work/ $$work test/fuzz-corpus; status=$$?; \
+		echo "new inputs and any crash kept in $$work"; exit $$status
+
+check: smtp521 smtp521-asan test/unit test/unit-asan test/fuzz
 	$(PYTHON) test/run
 
 # Real senders (Postfix, Exim, OpenSMTPD, swaks, msmtp, smtplib, curl)
@@ -87,7 +100,7 @@ uninstall:
 	-rmdir $(DESTDIR)$(DOCDIR)
 
 clean:
-	rm -f smtp521 smtp521-asan smtp521-dynamic test/unit test/unit-asan test/*.o
+	rm -f smtp521 smtp521-asan smtp521-dynamic test/unit test/unit-asan test/fuzz test/*.o
 	rm -rf test/bench/out
 
-.PHONY: all check clean install uninstall interop readme bench
+.PHONY: all check clean install uninstall interop readme bench fuzz

@@ -196,7 +196,7 @@ struct Argument {
     void set(std::string_view s) {
         length = s.size() < capacity ? s.size() : capacity;
         truncated = s.size() > capacity;
-        std::memcpy(bytes, s.data(), length);
+        if (length > 0) std::memcpy(bytes, s.data(), length);  // memcpy(_, nullptr, 0) is undefined
     }
     bool empty() const { return length == 0 && !truncated; }
     std::string_view view() const { return {bytes, length}; }
@@ -211,7 +211,7 @@ enum class Verb { other, helo, ehlo, mail, rcpt, rset, noop, quit };
 // (libstdc++'s emergency pool alone is a 70 KiB allocation at start).
 constexpr std::string_view head(std::string_view s, std::size_t n) { return {s.data(), n < s.size() ? n : s.size()}; }
 constexpr std::string_view tail(std::string_view s, std::size_t from) {
-    return from < s.size() ? std::string_view(s.data() + from, s.size() - from) : std::string_view();
+    return from < s.size() ? std::string_view(s.data() + from, s.size() - from) : std::string_view(s.data() + s.size(), 0);
 }
 
 constexpr char to_upper(char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 'a' + 'A') : c; }

@@ -1,0 +1,101 @@
+// libFuzzer target: arbitrary bytes, split at arbitrary points, through the
+// session core in every mode.  Input layout: byte 0 picks the mode and the
+// command limit, byte 1 seeds the split points, the rest is what the client
+// sends.  Any broken invariant aborts.
+#define SMTP521_NO_MAIN
+#include "../smtp521.cpp"
+
+#include <cstdint>
+
+using namespace smtp521;
+
+namespace {
+
+[[noreturn]] void fail(const char* what) {
+    std::fprintf(stderr, "invariant broken: %s\n", what);
+    std::abort();
+}
+
+void require(bool ok, const char* what) {
+    if (!ok) fail(what);
+}
+
+// Every reply line: three digits, a space, printable text, CRLF, at most
+// 512 octets (RFC 5321 4.2, 4.5.3.1.5); never a 4yz (R9).
+void check_replies(std::string_view out, std::string_view& last_line) {
+    while (!out.empty()) {
+        std::size_t eol = out.find("\r\n");
+        require(eol != std::string_view::npos, "reply ends in CRLF");
+        std::string_view line = head(out, eol);
+        require(line.size() + 2 <= max_reply, "reply within 512 octets");
+        require(line.size() >= 4, "reply has a code and a space");
+        for (int i = 0; i < 3; ++i) require(line[i] >= '0' && line[i] <= '9', "three digits");
+        require(line[0] == '2' || line[0] == '5', "2yz or 5yz, never 4yz");
+        require(line[3] == ' ', "single-line reply: code SP text");
+        for (char c : tail(line, 4)) require(c >= 0x20 && c < 0x7f, "printable text");
+        last_line = line;
+        out = tail(out, eol + 2);
+    }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    if (size < 2) return 0;
+    Options options;
+    options.mode = static_cast<Mode>(data[0] % 3);
+    options.max_commands = data[0] / 3 == 0 ? 100000 : data[0] / 3;
+    options.hostname = "mx.test";
+    std::uint32_t seed = data[1] * 2654435761u + 1;
+    std::string_view input(reinterpret_cast<const char*>(data + 2), size - 2);
+
+    Replies replies;
+    require(build_replies(options, replies), "default replies fit");
+    Session session(replies, options.mode, options.max_commands);
+    Output out;
+    session.greet(out);
+    std::size_t total_out = out.length;
+    std::string_view last_line;
+    check_replies(out.view(), last_line);
+    out.clear();
+
+    std::size_t lines = 1;
+    for (char c : input) lines += c == '\n';
+
+    std::string_view rest = input;
+    while (!rest.empty()) {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        std::string_view piece = head(rest, 1 + seed % 700);
+        rest = tail(rest, piece.size());
+        while (!piece.empty()) {
+            bool was_ended = session.ended();
+            std::size_t used = session.feed(piece, out);
+            require(used <= piece.size(), "feed consumes at most what it is given");
+            require(out.length <= Output::capacity, "output buffer bounded");
+            if (was_ended) require(used == 0 && out.length == 0, "nothing answered after the end");
+            if (!was_ended && !session.ended()) require(used > 0, "feed makes progress");
+            check_replies(out.view(), last_line);
+            total_out += out.length;
+            out.clear();
+            if (session.ended()) break;
+            piece = tail(piece, used);
+        }
+        if (session.ended()) break;
+    }
+    bool was_ended = session.ended();
+    session.input_closed(out);
+    if (was_ended) require(out.length == 0, "nothing answered after the end");
+    check_replies(out.view(), last_line);
+    total_out += out.length;
+
+    require(session.ended(), "input end ends the session");
+    require(static_cast<std::size_t>(session.commands()) <= lines, "at most one command a line");
+    require(total_out <= replies.greeting.length + static_cast<std::size_t>(session.commands()) * max_reply,
+            "output bounded by input");
+    require(session.commands() <= options.max_commands, "command limit holds");
+    if (session.end_reason() == EndReason::quit)
+        require(last_line.substr(0, 4) == "221 ", "QUIT is answered with 221, and nothing after");
+    return 0;
+}

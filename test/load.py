@@ -1,0 +1,228 @@
+"""Load and faults: 500 concurrent connections through systemd-socket-activate
+(loopback only, bounded in time), of every hostile kind at once."""
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+
+from harness import crlf, fields
+
+DEADLINE = 3  # smtp521 -t; the whole suite takes about two deadlines
+GREET = b"220 mx.test ESMTP does not accept mail\r\n"
+BYE = b"221 mx.test closing connection\r\n"
+FULL_OUT = GREET + b"250 mx.test\r\n250 2.1.0 Ok\r\n521 5.3.2 mx.test does not accept mail\r\n" + BYE
+KINDS = {"full": 250, "silent": 150, "slowloris": 25, "flooder": 25, "resetter": 25, "halfclose": 25}
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+def connect(port):
+    for attempt in range(50):
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE + 5)
+        except OSError:
+            time.sleep(0.05 * (attempt + 1))
+    raise OSError("could not connect")
+
+
+def read_all(s):
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return data, "reset"
+        if not chunk:
+            return data, "eof"
+        data += chunk
+
+
+def client(kind, port, results):
+    start = time.monotonic()
+    try:
+        s = connect(port)
+        outcome = {"kind": kind}
+        if kind == "full":
+            s.sendall(crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<b@mx.test>", "QUIT"))
+            outcome["out"], outcome["close"] = read_all(s)
+            outcome["ok"] = outcome["out"] == FULL_OUT
+        elif kind == "silent":
+            outcome["out"], outcome["close"] = read_all(s)
+            outcome["ok"] = outcome["out"] == GREET
+        elif kind == "slowloris":
+            s.setblocking(False)
+            got = b""
+            while time.monotonic() - start < DEADLINE + 3:
+                try:
+                    s.send(b"X")
+                except OSError:
+                    break
+                time.sleep(0.3)
+                try:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    got += chunk
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    break
+            outcome["out"] = got
+            outcome["ok"] = got == GREET
+        elif kind == "flooder":
+            s.setblocking(False)
+            payload = b"NOOP\r\n" * 10000
+            sent = 0
+            while time.monotonic() - start < DEADLINE + 3:
+                try:
+                    sent += s.send(payload)
+                except BlockingIOError:
+                    time.sleep(0.01)
+                except OSError:
+                    break
+            outcome["sent"] = sent
+            outcome["ok"] = sent > 1 << 20  # megabytes went out, none were read
+        elif kind == "resetter":
+            s.sendall(crlf("EHLO r") + b"NOOP\r\n" * 5000)
+            time.sleep(0.05)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            outcome["ok"] = True
+        elif kind == "halfclose":
+            s.recv(len(GREET))
+            s.sendall(crlf("QUIT") + os.urandom(64 * 1024))
+            s.shutdown(socket.SHUT_WR)
+            outcome["out"], outcome["close"] = read_all(s)
+            outcome["ok"] = outcome["out"] == BYE
+        s.close()
+        outcome["elapsed"] = time.monotonic() - start
+    except Exception as e:  # noqa: BLE001 -- recorded and asserted on below
+        outcome = {"kind": kind, "ok": False, "error": repr(e), "elapsed": time.monotonic() - start}
+    results.append(outcome)
+
+
+def smtp521_pids(parent):
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def vm_hwm(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+RUN = {}
+
+
+def run_load(binary):
+    """One run of all 500 clients at once; the tests below read its results."""
+    if RUN:
+        return RUN
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    errpath = f"/tmp/smtp521-load-{os.getpid()}.err"
+    with open(errpath, "wb") as err:
+        srv = subprocess.Popen(["systemd-socket-activate", "--inetd", "-a", "-l", f"127.0.0.1:{port}",
+                                binary, "-H", "mx.test", "-t", str(DEADLINE), "-n", "100000", "-l", "stderr"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        time.sleep(0.5)
+        results = []
+        threads = [threading.Thread(target=client, args=(kind, port, results))
+                   for kind, n in KINDS.items() for _ in range(n)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        peak_procs = peak_hwm = 0
+        while any(t.is_alive() for t in threads) and time.monotonic() - start < DEADLINE + 15:
+            pids = smtp521_pids(srv.pid)
+            peak_procs = max(peak_procs, len(pids))
+            for pid in pids[:50]:
+                peak_hwm = max(peak_hwm, vm_hwm(pid))
+            time.sleep(0.1)
+        for t in threads:
+            t.join(timeout=5)
+        # No process outlives its deadline by more than a second.
+        time.sleep(1.0)
+        leftover = smtp521_pids(srv.pid)
+        wall = time.monotonic() - start
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
+    with open(errpath, "rb") as f:
+        err = f.read()
+    os.remove(errpath)
+    RUN.update(results=results, err=err, leftover=leftover, peak_procs=peak_procs, peak_hwm=peak_hwm, wall=wall)
+    print(f"     500 clients in {wall:.1f}s: up to {peak_procs} smtp521 processes at once, "
+          f"peak VmHWM {peak_hwm} KiB a process")
+    return RUN
+
+
+@test
+def every_client_got_its_replies(binary):
+    run = run_load(binary)
+    bad = [r for r in run["results"] if not r["ok"]]
+    assert len(run["results"]) == 500, len(run["results"])
+    assert not bad, bad[:5]
+
+
+@test
+def silent_and_slow_clients_cut_at_deadline(binary):
+    run = run_load(binary)
+    for r in run["results"]:
+        if r["kind"] in ("silent", "slowloris"):
+            assert DEADLINE - 0.2 <= r["elapsed"] <= DEADLINE + 1.5, r
+
+
+@test
+def no_process_outlives_its_deadline(binary):
+    run = run_load(binary)
+    assert run["leftover"] == [], run["leftover"]
+    logs = [fields(l.decode()) for l in run["err"].splitlines() if l.startswith(b"peer=")]
+    assert len(logs) == 500, len(logs)
+    for log in logs:
+        assert float(log["duration"]) <= DEADLINE + 1.0, log
+
+
+@test
+def every_exit_status_is_clean(binary):
+    run = run_load(binary)
+    codes = re.findall(rb"Child \d+ died with code (\d+)", run["err"])
+    assert len(codes) == 500, len(codes)
+    assert set(codes) == {b"0"}, set(codes)
+
+
+@test
+def log_lines_stay_single_and_printable(binary):
+    run = run_load(binary)
+    lines = [l for l in run["err"].splitlines() if l.startswith(b"peer=")]
+    ends = {}
+    for line in lines:
+        assert all(0x20 <= b < 0x7f for b in line), line
+        f = fields(line.decode())
+        assert list(f) == ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts"], line
+        ends[f["end"]] = ends.get(f["end"], 0) + 1
+    print(f"     end reasons: {dict(sorted(ends.items()))}")
+    assert ends.get("quit", 0) >= 275 and ends.get("timeout", 0) >= 175, ends
+
+
+@test
+def peak_memory_per_process(binary):
+    run = run_load(binary)
+    # A report with a generous ceiling: make bench measures it properly.
+    assert 0 < run["peak_hwm"] < 4096, run["peak_hwm"]
