@@ -463,11 +463,10 @@ EndReason write_all(const Connection& c, std::string_view data, Millis deadline)
 constexpr Millis drain_ms = 500;
 constexpr std::size_t drain_bytes = 256 * 1024;
 
-void close_gracefully(const Connection& c, Millis deadline) {
+void close_gracefully(const Connection& c) {
     if (!c.out_is_socket) return;
     if (shutdown(c.out, SHUT_WR) != 0 || !c.in_is_socket) return;
-    Millis until = now_ms() + drain_ms;
-    if (until > deadline + drain_ms) until = deadline + drain_ms;
+    const Millis until = now_ms() + drain_ms;
     char sink[4096];
     std::size_t drained = 0;
     while (drained < drain_bytes && wait_for(c.in, POLLIN, until) == Wait::ready) {
@@ -508,7 +507,8 @@ EndReason run(Session& session, const Connection& c, Millis deadline) {
         } while (io == EndReason::none && !session.ended() && !rest.empty());
     }
     session.stop(io);
-    if (io == EndReason::none || io == EndReason::read_error) close_gracefully(c, deadline);
+    // Not after a timeout or a failed write: there is no reply to protect.
+    if (io == EndReason::none || io == EndReason::read_error) close_gracefully(c);
     // An I/O failure is what the log should say, even after QUIT.
     return io != EndReason::none ? io : session.end_reason();
 }

@@ -305,26 +305,36 @@ def inetd_conf(path, port, binary, extra_args, suffix=None):
         f.write("\n".join(lines) + "\n")
 
 
-@test
-def under_openbsd_inetd(binary):
-    # The line from inetd.conf.example, under a real inetd, with syslog on a
-    # private /dev/log.  The first session asks for -l stderr: under inetd
-    # fd 2 is the connection, so the line must go to syslog, never to the client.
+def inetd_sessions(binary, extra_args, clients):
+    """Run openbsd-inetd with the lines of inetd.conf.example (port, path and
+    arguments rewritten) and syslog on a private /dev/log; call clients(port)
+    and return what it returned, and smtp521's syslog messages."""
     exe = binary_copy(binary)
     log = Syslog()
     port = free_port()
     conf = os.path.join(log.dir, "inetd.conf")
-    inetd_conf(conf, port, exe, ["-H", "mx.test", "-l", "stderr"])
+    inetd_conf(conf, port, exe, extra_args)
     srv = Server(log.prefix + ["inetd", "-d", conf], port)
     try:
         wait_listening(port, "::1", socket.AF_INET6)
-        out4, local4 = talk(port, SESSION_IN)
-        out6, local6 = talk(port, SESSION_IN, "::1", socket.AF_INET6)
-        msgs = log.messages(2)
+        result = clients(port)
+        msgs = log.messages(len(result))
     finally:
         srv.stop()
         log.close()
         shutil.rmtree(os.path.dirname(exe))
+    return result, msgs
+
+
+@test
+def under_openbsd_inetd(binary):
+    # The lines from inetd.conf.example under a real inetd, IPv4 and IPv6.
+    # They ask for -l stderr: under inetd fd 2 is the connection, so the log
+    # line must go to syslog, never to the client.
+    def clients(port):
+        return [talk(port, SESSION_IN), talk(port, SESSION_IN, "::1", socket.AF_INET6)]
+
+    ((out4, local4), (out6, local6)), msgs = inetd_sessions(binary, ["-H", "mx.test", "-l", "stderr"], clients)
     assert out4 == SESSION_OUT, out4
     assert out6 == SESSION_OUT, out6
     assert len(msgs) == 2, msgs
@@ -340,22 +350,13 @@ def under_openbsd_inetd(binary):
 
 @test
 def inetd_bad_option_reaches_syslog_not_client(binary):
-    exe = binary_copy(binary)
-    log = Syslog()
-    port = free_port()
-    conf = os.path.join(log.dir, "inetd.conf")
-    inetd_conf(conf, port, exe, ["-t", "soon"])
-    srv = Server(log.prefix + ["inetd", "-d", conf], port)
-    try:
+    def clients(port):
         try:
-            out, _ = talk(port, crlf("EHLO a", "QUIT"))
+            return [talk(port, crlf("EHLO a", "QUIT"))[0]]
         except ConnectionResetError:  # it exits without reading what we sent
-            out = b""
-        msgs = log.messages(1)
-    finally:
-        srv.stop()
-        log.close()
-        shutil.rmtree(os.path.dirname(exe))
+            return [b""]
+
+    (out,), msgs = inetd_sessions(binary, ["-t", "soon"], clients)
     assert out == b"", out
     assert len(msgs) == 1, msgs
     prio, _, text = parse_syslog(msgs[0])
