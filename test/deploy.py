@@ -475,7 +475,10 @@ class Systemd:
         raise AssertionError(f"systemd not running: {state}")
 
     def ctl(self, *args, check=True, tool="systemctl"):
-        return subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", tool, "--no-pager"] + list(args),
+        # -r -w: the target's root and working directory, not the mount
+        # namespace's (they differ when the tests run in a chroot).
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w", tool, "--no-pager"]
+                              + list(args),
                               capture_output=True, text=True, check=check, timeout=30)
 
     def stop(self):
