@@ -198,7 +198,7 @@ struct Argument {
         truncated = s.size() > capacity;
         if (length > 0) std::memcpy(bytes, s.data(), length);  // memcpy(_, nullptr, 0) is undefined
     }
-    bool empty() const { return length == 0 && !truncated; }
+    bool empty() const { return length == 0; }  // a truncated argument has capacity octets
     std::string_view view() const { return {bytes, length}; }
 };
 
@@ -216,12 +216,17 @@ constexpr std::string_view tail(std::string_view s, std::size_t from) {
 
 constexpr char to_upper(char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 'a' + 'A') : c; }
 
-// RFC 5321 2.4: verbs are case-insensitive.  A verb is the whole first word.
+// RFC 5321 2.4: commands are case-insensitive.  `prefix` is upper case.
+constexpr bool starts_with_nocase(std::string_view s, std::string_view prefix) {
+    if (s.size() < prefix.size()) return false;
+    for (std::size_t i = 0; i < prefix.size(); ++i)
+        if (to_upper(s[i]) != prefix[i]) return false;
+    return true;
+}
+
+// A verb is the whole first word.
 constexpr bool is_verb(std::string_view line, std::string_view verb) {
-    if (line.size() < verb.size()) return false;
-    for (std::size_t i = 0; i < verb.size(); ++i)
-        if (to_upper(line[i]) != verb[i]) return false;
-    return line.size() == verb.size() || line[verb.size()] == ' ';
+    return starts_with_nocase(line, verb) && (line.size() == verb.size() || line[verb.size()] == ' ');
 }
 
 constexpr Verb verb_of(std::string_view line) {
@@ -251,9 +256,7 @@ constexpr std::string_view argument_of(std::string_view line) {
     while (i < line.size() && line[i] == ' ') ++i;
     std::string_view rest = tail(line, i);
     for (std::string_view prefix : {std::string_view("FROM:"), std::string_view("TO:")}) {
-        bool match = rest.size() >= prefix.size();
-        for (std::size_t k = 0; match && k < prefix.size(); ++k) match = to_upper(rest[k]) == prefix[k];
-        if (match) {
+        if (starts_with_nocase(rest, prefix)) {
             rest.remove_prefix(prefix.size());
             while (!rest.empty() && rest.front() == ' ') rest.remove_prefix(1);
             break;
@@ -312,11 +315,6 @@ public:
         if (end_ != EndReason::none) return;
         if (line_length_ > 0 || overlong_) command(out);
         if (end_ == EndReason::none) end_ = EndReason::eof;
-    }
-
-    // The I/O loop ends the session (deadline, I/O error).
-    void stop(EndReason reason) {
-        if (end_ == EndReason::none) end_ = reason;
     }
 
     bool ended() const { return end_ != EndReason::none; }
@@ -506,7 +504,6 @@ EndReason run(Session& session, const Connection& c, Millis deadline) {
             out.clear();
         } while (io == EndReason::none && !session.ended() && !rest.empty());
     }
-    session.stop(io);
     // Not after a timeout or a failed write: there is no reply to protect.
     if (io == EndReason::none || io == EndReason::read_error) close_gracefully(c);
     // An I/O failure is what the log should say, even after QUIT.
@@ -555,54 +552,55 @@ struct LogLine {
 
 // The peer, as "address:port" (IPv6 in brackets): getpeername() on fd 0;
 // else the super-server's environment (systemd, then tcpserver); else
-// "local" (a pipe or a file).  Read at the start: once the connection is
-// closed getpeername() fails with ENOTCONN.
+// "local" (a pipe or a file).  Read before the greeting: once the client
+// has reset or the connection is closed, getpeername() fails (ENOTCONN),
+// and a client that resets at once is one an administrator wants named.
 void add_peer(LogLine& log, int fd) {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
-    char address[INET6_ADDRSTRLEN] = {};
-    unsigned port = 0;
-    bool known = false;
+    char address_buffer[INET6_ADDRSTRLEN] = {};
+    char port_buffer[8] = {};
+    std::string_view address, port;
     if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
-        if (ss.ss_family == AF_INET) {
+        const void* raw = nullptr;
+        int family = ss.ss_family;
+        unsigned number = 0;
+        if (family == AF_INET) {
             auto* sin = reinterpret_cast<sockaddr_in*>(&ss);
-            known = inet_ntop(AF_INET, &sin->sin_addr, address, sizeof address) != nullptr;
-            port = ntohs(sin->sin_port);
-        } else if (ss.ss_family == AF_INET6) {
+            raw = &sin->sin_addr;
+            number = ntohs(sin->sin_port);
+        } else if (family == AF_INET6) {
             auto* sin6 = reinterpret_cast<sockaddr_in6*>(&ss);
             // A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d.
-            if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr))
-                known = inet_ntop(AF_INET, &sin6->sin6_addr.s6_addr[12], address, sizeof address) != nullptr;
-            else
-                known = inet_ntop(AF_INET6, &sin6->sin6_addr, address, sizeof address) != nullptr;
-            port = ntohs(sin6->sin6_port);
+            bool mapped = IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr);
+            raw = mapped ? static_cast<const void*>(&sin6->sin6_addr.s6_addr[12]) : &sin6->sin6_addr;
+            family = mapped ? AF_INET : AF_INET6;
+            number = ntohs(sin6->sin6_port);
         }
-    }
-    if (known) {
-        bool v6 = std::strchr(address, ':') != nullptr;
-        log.add(v6 ? "[" : "");
-        log.add(address);
-        log.add(v6 ? "]:" : ":");
-        log.add_number(port);
-        return;
+        if (raw != nullptr && inet_ntop(family, raw, address_buffer, sizeof address_buffer) != nullptr) {
+            address = address_buffer;
+            port = {port_buffer, static_cast<std::size_t>(std::snprintf(port_buffer, sizeof port_buffer, "%u", number))};
+        }
     }
     const char* env_pairs[][2] = {{"REMOTE_ADDR", "REMOTE_PORT"}, {"TCPREMOTEIP", "TCPREMOTEPORT"}};
     for (auto& pair : env_pairs) {
+        if (!address.empty()) break;
         const char* a = std::getenv(pair[0]);
         if (a == nullptr || *a == '\0') continue;
-        std::string_view addr(a, std::strlen(a) < 64 ? std::strlen(a) : 64);
-        bool v6 = addr.find(':') != std::string_view::npos;
-        log.add(v6 ? "[" : "");
-        log.add_escaped(addr);
-        log.add(v6 ? "]" : "");
+        address = head(a, 64);
         const char* p = std::getenv(pair[1]);
-        if (p != nullptr && *p != '\0') {
-            log.add(":");
-            log.add_escaped({p, std::strlen(p) < 8 ? std::strlen(p) : 8});
-        }
-        return;
+        port = head(p != nullptr ? p : "", 8);
     }
-    log.add("local");
+    if (address.empty()) return log.add("local");
+    // The environment is not to be trusted: escaped like client text.
+    const bool v6 = address.find(':') != std::string_view::npos;
+    log.add(v6 ? "[" : "");
+    log.add_escaped(address);
+    log.add(v6 ? "]" : "");
+    if (!port.empty()) {
+        log.add(":");
+        log.add_escaped(port);
+    }
 }
 
 // peer= end= commands= duration= helo= mail= rcpt= rcpts=

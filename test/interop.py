@@ -352,7 +352,10 @@ def exim_phase(r):
                     checks.append(("Exim default [rcpt] returns the mail at once",
                                    verdict.startswith("returned at once"), detail))
     finally:
-        run(["exim4", "-C", conf, "-Mrm"] + run(["exim4", "-C", conf, "-bpu"]).stdout.split()[2::4])
+        # Whatever is left queued (bounces to the test sender): by message id.
+        queued = re.findall(r"\b\w{6}-\w{6,11}-\w{2,4}\b", run(["exim4", "-C", conf, "-bp"]).stdout)
+        if queued:
+            run(["exim4", "-C", conf, "-Mrm"] + queued)
         shutil.rmtree(d, ignore_errors=True)
 
 
