@@ -47,6 +47,14 @@ test/unit: test/unit.cpp smtp521.cpp test/catch_main.o
 test/unit-asan: test/unit.cpp smtp521.cpp test/catch_main-asan.o
 	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main-asan.o
 
+# The confinement's own tests (test/sandbox.cpp): each case forks a child
+# that installs the seccomp filter.
+test/sandbox: test/sandbox.cpp smtp521.cpp test/catch_main.o
+	$(CXX) $(WARN) -O1 -g $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main.o
+
+test/sandbox-asan: test/sandbox.cpp smtp521.cpp test/catch_main-asan.o
+	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main-asan.o
+
 # libFuzzer target of the session core (clang, libclang-rt-14-dev).
 FUZZ_CXX     ?= clang++
 FUZZ_SECONDS ?= 300
@@ -60,7 +68,7 @@ fuzz: test/fuzz
 		-artifact_prefix=$$work/ $$work test/fuzz-corpus; status=$$?; \
 		echo "new inputs and any crash kept in $$work"; exit $$status
 
-check: smtp521 smtp521-asan test/unit test/unit-asan test/fuzz
+check: smtp521 smtp521-asan test/unit test/unit-asan test/sandbox test/sandbox-asan test/fuzz
 	$(PYTHON) test/run
 
 # Real senders (Postfix, Exim, OpenSMTPD, swaks, msmtp, smtplib, curl)
@@ -100,7 +108,7 @@ uninstall:
 	-rmdir $(DESTDIR)$(DOCDIR)
 
 clean:
-	rm -f smtp521 smtp521-asan smtp521-dynamic test/unit test/unit-asan test/fuzz test/*.o
+	rm -f smtp521 smtp521-asan smtp521-dynamic test/unit test/unit-asan test/sandbox test/sandbox-asan test/fuzz test/*.o
 	rm -rf test/bench/out
 
 .PHONY: all check clean install uninstall interop readme bench fuzz

@@ -12,12 +12,18 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <getopt.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,10 +31,15 @@
 #include <cerrno>
 #include <climits>
 #include <cstdarg>
+#include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/lsan_interface.h>
+#endif
 
 namespace smtp521 {
 
@@ -603,8 +614,9 @@ void add_peer(LogLine& log, int fd) {
     }
 }
 
-// peer= end= commands= duration= helo= mail= rcpt= rcpts=
-void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, std::string_view peer) {
+// peer= end= commands= duration= helo= mail= rcpt= rcpts= sandbox=
+void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, std::string_view peer,
+                bool sandbox) {
     log.add("peer=");
     log.add(peer);
     log.add(" end=");
@@ -627,6 +639,7 @@ void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, s
     }
     log.add(" rcpts=");
     log.add_number(s.rcpt_count());
+    log.add(sandbox ? " sandbox=on" : " sandbox=off");
 }
 
 // Under inetd fds 0, 1 and 2 are all the connection; under systemd too,
@@ -649,11 +662,19 @@ void write_stderr(std::string_view line) {
     }
 }
 
-void open_syslog() { openlog("smtp521", LOG_PID, LOG_MAIL); }
+// LOG_NDELAY: connect to /dev/log now, while the process may still create
+// a socket; the confined process only sends on it.
+void open_syslog() { openlog("smtp521", LOG_PID | LOG_NDELAY, LOG_MAIL); }
+
+// Where the log line goes, decided before the sandbox is on (fstat): where
+// stderr is the connection, the line goes to syslog instead.
+LogTarget resolve_log_target(LogTarget wanted) {
+    return wanted == LogTarget::stderr_ && stderr_is_connection() ? LogTarget::syslog : wanted;
+}
 
 void emit_log(LogTarget target, int priority, std::string_view line) {
     if (target == LogTarget::none) return;
-    if (target == LogTarget::stderr_ && !stderr_is_connection()) {
+    if (target == LogTarget::stderr_) {
         char with_newline[sizeof LogLine::bytes + 1];
         std::memcpy(with_newline, line.data(), line.size());
         with_newline[line.size()] = '\n';
@@ -662,6 +683,115 @@ void emit_log(LogTarget target, int priority, std::string_view line) {
     }
     open_syslog();
     syslog(priority, "%.*s", static_cast<int>(line.size()), line.data());
+}
+
+// ---------------------------------------------------------------- confinement
+
+// What OpenBSD's fingerd and spamd get from pledge("stdio"): once the
+// process holds everything it needs (its options, its replies, the peer's
+// address, the syslog socket and the time zone), it gives up the rest of the
+// system before the greeting, so that nothing a client sends can make it
+// open a file, create or connect a socket, or run a program (RFC 1846 6).
+// A seccomp-BPF allowlist of the system calls that the session and the log
+// line make, found with strace(1) in every mode and on pipes, sockets,
+// stderr and syslog (test/test_sandbox.py keeps it so):
+constexpr int allowed_syscalls[] = {
+    SYS_read, SYS_recvfrom,             // client input; the drain before close
+    SYS_write, SYS_sendto,              // replies; the log line (stderr, syslog)
+#ifdef SYS_poll
+    SYS_poll,                           // waiting against the deadline
+#endif
+    SYS_ppoll,                          // the same, where libc has no poll()
+    SYS_shutdown,                       // half-close before the drain
+    SYS_close,                          // syslog(3) drops a dead /dev/log socket
+    SYS_clock_gettime, SYS_gettimeofday,  // the deadline, where the vDSO cannot
+    SYS_getpid,                         // syslog(3)'s LOG_PID
+    SYS_rt_sigreturn,                   // return from the backstop's signal handler
+    SYS_exit_group, SYS_exit,
+};
+
+#if defined(__SANITIZE_ADDRESS__)
+// The AddressSanitizer build of make check also needs these to report an
+// error from inside the sandbox: its report buffers (mmap, never
+// executable), its signal stack, its thread id, and the binary's name for
+// the stack trace.  The shipped build has none of them.
+constexpr int sanitizer_syscalls[] = {SYS_munmap, SYS_madvise, SYS_sigaltstack, SYS_gettid, SYS_readlink};
+#else
+constexpr int sanitizer_syscalls[] = {SYS_exit};  // (a repeat: no new call)
+#endif
+constexpr bool sanitized_mmap =
+#if defined(__SANITIZE_ADDRESS__)
+    true;
+#else
+    false;
+#endif
+
+#if defined(__x86_64__)
+constexpr std::uint32_t audit_arch = AUDIT_ARCH_X86_64;
+#elif defined(__aarch64__)
+constexpr std::uint32_t audit_arch = AUDIT_ARCH_AARCH64;
+#elif defined(__i386__)
+constexpr std::uint32_t audit_arch = AUDIT_ARCH_I386;
+#else
+constexpr std::uint32_t audit_arch = 0;  // unknown: no sandbox (sandbox=off)
+#endif
+
+// Any other call fails with EPERM rather than killing the process: a libc
+// that reaches for a call this list lacks (another kernel, another glibc)
+// then costs that one call, not the session; a killed session would lose
+// its reply, and the sender would queue the mail for days, the very failure
+// smtp521 exists to end.  A call of another architecture or of the x32 ABI
+// cannot come from this program at all, only from injected code: it kills.
+template <class T, std::size_t N>
+constexpr std::size_t count(const T (&)[N]) { return N; }
+constexpr std::size_t filter_length = 7 + 2 * (count(allowed_syscalls) + count(sanitizer_syscalls)) + 5;
+
+bool confine() {
+    if (audit_arch == 0) return false;
+#if defined(__SANITIZE_ADDRESS__)
+    // The AddressSanitizer build (make check): LeakSanitizer's check at exit
+    // needs threads, ptrace and /proc, which the filter refuses, so it runs
+    // now.  Memory errors and undefined behaviour are still reported under
+    // the filter (a report needs only write and exit_group), and an
+    // allocation after this point would fail loudly: the sanitizer's
+    // allocator gets no mmap.
+    __lsan_do_leak_check();
+#endif
+    constexpr std::uint32_t allow = SECCOMP_RET_ALLOW, kill = SECCOMP_RET_KILL_PROCESS,
+                            refuse = SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA);
+    sock_filter program[filter_length];
+    std::size_t n = 0;
+    auto emit = [&](sock_filter insn) { program[n++] = insn; };
+    emit(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)));
+    emit(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, audit_arch, 1, 0));
+    emit(BPF_STMT(BPF_RET | BPF_K, kill));
+    emit(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)));
+#if defined(__x86_64__)
+    // x32 calls are x86-64 calls with bit 30 set (__X32_SYSCALL_BIT).
+    emit(BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u, 0, 1));
+    emit(BPF_STMT(BPF_RET | BPF_K, kill));
+#endif
+    auto allow_call = [&](int nr) {
+        emit(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, static_cast<std::uint32_t>(nr), 0, 1));
+        emit(BPF_STMT(BPF_RET | BPF_K, allow));
+    };
+    for (int nr : allowed_syscalls) allow_call(nr);
+    for (int nr : sanitizer_syscalls) allow_call(nr);
+    if (sanitized_mmap) {
+        // mmap without PROT_EXEC (its third argument; the low word on a
+        // little-endian machine).
+        emit(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mmap, 0, 4));
+        emit(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args[2])));
+        emit(BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, PROT_EXEC, 0, 1));
+        emit(BPF_STMT(BPF_RET | BPF_K, refuse));
+        emit(BPF_STMT(BPF_RET | BPF_K, allow));
+    }
+    emit(BPF_STMT(BPF_RET | BPF_K, refuse));
+    sock_fprog fprog{static_cast<unsigned short>(n), program};
+    // PR_SET_NO_NEW_PRIVS lets an unprivileged process install a filter,
+    // and no later execve() could gain privileges anyway.
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return false;
+    return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog) == 0;
 }
 
 // ---------------------------------------------------------------- main
@@ -851,13 +981,20 @@ int main(int argc, char** argv) {
 
     LogLine peer;
     if (options.log != LogTarget::none) add_peer(peer, connection.in);
+    const LogTarget log_target = resolve_log_target(options.log);
+    if (log_target == LogTarget::syslog) {
+        open_syslog();
+        tzset();  // syslog(3) stamps local time: read /etc/localtime now
+    }
+    // Nothing from the client has been read yet.
+    const bool sandbox = confine();
 
     Session session(replies, options.mode, options.max_commands);
     EndReason end = run(session, connection, deadline);
 
     LogLine log;
-    format_log(log, session, end, now_ms() - start, peer.view());
-    emit_log(options.log, LOG_INFO, log.view());
+    format_log(log, session, end, now_ms() - start, peer.view(), sandbox);
+    emit_log(log_target, LOG_INFO, log.view());
     return exit_ok;
 }
 

@@ -251,9 +251,9 @@ TEST_CASE("what the log records of the client") {
     CHECK(s.rcpt_count() == 4);
 
     LogLine log;
-    format_log(log, s, EndReason::eof, 1234, "local");
+    format_log(log, s, EndReason::eof, 1234, "local", true);
     CHECK(log.view() ==
-          "peer=local end=eof commands=6 duration=1.234 helo=client.example mail=<a@b> rcpt=<r1@x>,<r2@x>,<r3@x> rcpts=4");
+          "peer=local end=eof commands=6 duration=1.234 helo=client.example mail=<a@b> rcpt=<r1@x>,<r2@x>,<r3@x> rcpts=4 sandbox=on");
 }
 
 TEST_CASE("client text in the log is escaped and bounded") {
@@ -265,7 +265,7 @@ TEST_CASE("client text in the log is escaped and bounded") {
     std::string input = std::string("HELO evil\rend=quit\x01\xff\\x\r\nMAIL FROM:<") + std::string(300, 'z') + ">\r\n";
     s.feed(input, out);
     LogLine log;
-    format_log(log, s, EndReason::eof, 0, "local");
+    format_log(log, s, EndReason::eof, 0, "local", false);
     std::string line(log.view());
     CHECK(line.find("helo=evil\\x0dend=quit\\x01\\xff\\x5cx ") != std::string::npos);
     CHECK(line.find(" mail=<" + std::string(99, 'z') + "... ") != std::string::npos);
