@@ -261,7 +261,7 @@ def log_line_is_one_printable_line(binary):
     assert line.endswith(b"\n") and line.count(b"\n") == 1, line
     assert all(0x20 <= b < 0x7f for b in line[:-1]), line
     f = fields(line.decode().rstrip("\n"))
-    assert set(f) == {"peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts"}, f
+    assert set(f) == {"peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"}, f
 
 
 @test

@@ -344,6 +344,7 @@ def under_openbsd_inetd(binary):
         assert prio == LOG_MAIL_INFO, msg
         f = fields(text)
         assert f["end"] == "quit" and f["helo"] == "client.example" and f["rcpts"] == "1", f
+        assert f["sandbox"] == "on", f
         peers.add(f["peer"])
     assert peers == {f"127.0.0.1:{local4}", f"[::1]:{local6}"}, peers
 
@@ -414,6 +415,7 @@ def under_tcpserver(binary):
     assert out == SESSION_OUT, out
     logs = log_lines(err)
     assert len(logs) == 1 and logs[0]["peer"] == f"127.0.0.1:{local}" and logs[0]["end"] == "quit", err
+    assert logs[0]["sandbox"] == "on", err
 
 
 @test
@@ -435,11 +437,12 @@ def syslog_line_field_by_field(binary):
     prio, pid, text = parse_syslog(msgs[0])
     assert prio == LOG_MAIL_INFO
     f = fields(text)
-    assert list(f) == ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts"], f
+    assert list(f) == ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"], f
     assert f["peer"] == "192.0.2.4:2525" and f["end"] == "quit" and f["commands"] == "5"
     assert re.fullmatch(r"\d+\.\d{3}", f["duration"]) and float(f["duration"]) < 5
     assert f["helo"] == "c.example" and f["mail"] == "<a@c.example>"
     assert f["rcpt"] == "<x@mx.test>,<y@mx.test>" and f["rcpts"] == "2"
+    assert f["sandbox"] == "on"  # confined, and syslog(3) still works
     assert bad.returncode == 64 and bad.stdout == b""
     assert len(errs) == 1 and parse_syslog(errs[0])[0] == LOG_MAIL_ERR and "--log 'file'" in errs[0], errs
 
@@ -570,6 +573,7 @@ def under_real_systemd_accept_yes(binary):
         assert int(e["_UID"]) >= 61184, e  # DynamicUser's range
         f = fields(e["MESSAGE"])
         assert f["peer"] == f"127.0.0.1:{local}" and f["end"] == "quit" and f["rcpt"] == "<b@mx.test>", f
+        assert f["sandbox"] == "on", f  # inside the unit's own sandbox too
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))

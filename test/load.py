@@ -215,7 +215,8 @@ def log_lines_stay_single_and_printable(binary):
     for line in lines:
         assert all(0x20 <= b < 0x7f for b in line), line
         f = fields(line.decode())
-        assert list(f) == ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts"], line
+        assert list(f) == ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"], line
+        assert f["sandbox"] == "on", line
         ends[f["end"]] = ends.get(f["end"], 0) + 1
     print(f"     end reasons: {dict(sorted(ends.items()))}")
     assert ends.get("quit", 0) >= 275 and ends.get("timeout", 0) >= 175, ends
