@@ -5,8 +5,11 @@ the administrator; smtp521.slice keeps a flood of connections from
 starving a CPU-bound process outside it; /etc/default/smtp521 changes the
 options without editing ExecStart=; a socket drop-in binds one address.
 Needs root, cc, unshare and nsenter."""
+import asyncio
 import json
 import os
+import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -56,17 +59,28 @@ def read(name):
         return f.read()
 
 
+# The private systemd shares the host's cgroup hierarchies, and so does
+# any other private systemd running at the same time (another test run):
+# the slice gets a name of this process's own, or two runs would share one
+# cgroup and its limits.
+SLICE = f"smtp521t{os.getpid()}.slice"
+# The least share of its idle throughput that a CPU-bound process outside
+# the slice keeps while a flood runs through it (measured: see the man page).
+KEPT = 0.5
+
+
 def units(port, variants=None):
     """A unit directory: the shipped socket (listening on 127.0.0.1:port),
-    service and slice; and for each (suffix, port, edit) in `variants` a
-    copy of the socket and service named smtp521-SUFFIX, the service text
-    passed through edit()."""
+    service and slice (named SLICE); and for each (suffix, port, edit) in
+    `variants` a copy of the socket and service named smtp521-SUFFIX, the
+    service text passed through edit()."""
     d = tempfile.mkdtemp(prefix="smtp521-units-")
     os.chmod(d, 0o755)
     sock, svc = read("smtp521.socket"), read("smtp521@.service")
-    assert "\nListenStream=25\n" in sock
+    assert "\nListenStream=25\n" in sock and "\nSlice=smtp521.slice\n" in svc
+    svc = svc.replace("\nSlice=smtp521.slice\n", f"\nSlice={SLICE}\n")
     files = {"smtp521.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port}\n"),
-             "smtp521@.service": svc, "smtp521.slice": read("smtp521.slice")}
+             "smtp521@.service": svc, SLICE: read("smtp521.slice")}
     for suffix, vport, edit in variants or ():
         files[f"smtp521-{suffix}.socket"] = files["smtp521.socket"].replace(f":{port}\n", f":{vport}\n")
         files[f"smtp521-{suffix}@.service"] = edit(svc)
@@ -130,8 +144,8 @@ def remove_cgroups():
     behind in the host's hierarchies; remove ours, deepest first."""
     for top in os.listdir("/sys/fs/cgroup"):
         base = os.path.join("/sys/fs/cgroup", top)
-        for name in ("smtp521.slice", "system.slice/system-smtp521\\x2dopen.slice",
-                     "system.slice/system-smtp521\\x2dold.slice"):
+        for name in (SLICE, "system.slice/system-smtp521\\x2dopen.slice",
+                     "system.slice/system-smtp521\\x2dold.slice", "system.slice/system-smtp521\\x2dall.slice"):
             path = os.path.join(base, name)
             for d, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count("/")):
                 try:
@@ -203,6 +217,123 @@ def test_serves_with_user_namespaces_blocked(boot, no_userns, journald):
         print(f"$ journalctl -u {failed[0]} -p warning\n{log}")
         assert "Failed at step USER spawning /usr/local/sbin/smtp521" in log, log
     assert sd.state("smtp521-old.socket") == "active"
+
+
+# ------------------------------------------------------------ the slice under a flood
+
+PROBE = """import sys, time
+n, end = 0, time.perf_counter() + float(sys.argv[1])
+while time.perf_counter() < end:
+    n += 1
+print(n)
+"""
+
+
+def probe(seconds):
+    """A CPU-bound loop per CPU, each its own process outside the private
+    systemd; returns a function giving their iterations per second."""
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE, str(seconds)], stdout=subprocess.PIPE, text=True)
+             for _ in range(os.cpu_count() or 1)]
+    return lambda: sum(int(p.communicate(timeout=seconds + 30)[0]) for p in procs) / seconds
+
+
+def idle(seconds=2):
+    return probe(seconds)()
+
+
+async def session(port, source, tally, hold=None):
+    """One connection from `source`: a whole session (after `hold`, an
+    event, if given: the session is held open after its greeting)."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), 30)
+    except (OSError, asyncio.TimeoutError):
+        tally["not connected"] += 1
+        return
+    out = b""
+    try:
+        if hold:
+            out = await asyncio.wait_for(reader.readline(), 120)
+            await hold.wait()
+        writer.write(SESSION_IN)
+        while chunk := await asyncio.wait_for(reader.read(65536), 120):
+            out += chunk
+    except (OSError, asyncio.TimeoutError):
+        pass
+    finally:
+        writer.close()
+    # Refused by MaxConnections= (closed unanswered) is no session; a
+    # session that started must have ended with its whole reply.
+    tally["whole" if out == OUT else "no session" if out == b"" else "cut"] += 1
+
+
+async def flood(port, seconds, workers, holders, quiet):
+    """`workers` clients, each from its own loopback address (past
+    MaxConnectionsPerSource=), doing whole sessions back to back for
+    `seconds`, and `holders` sessions held open meanwhile.  quiet() is
+    called with the holders still open, once the workers are done."""
+    tally = dict.fromkeys(("whole", "no session", "cut", "not connected"), 0)
+    end = time.monotonic() + seconds
+    release = asyncio.Event()
+
+    async def worker(i):
+        while time.monotonic() < end:
+            await session(port, f"127.3.{i // 250}.{i % 250 + 1}", tally)
+
+    held = [asyncio.create_task(session(port, f"127.4.{i // 250}.{i % 250 + 1}", tally, release))
+            for i in range(holders)]
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+    await asyncio.sleep(1)
+    result = quiet()
+    release.set()
+    await asyncio.gather(*held)
+    return tally, result
+
+
+def memory(sd, unit):
+    return int(sd.ctl("show", "-p", "MemoryCurrent", "--value", unit).stdout.strip())
+
+
+def test_slice_keeps_host_cpu_under_flood(boot):
+    # The same flood twice: through the shipped units, and through a copy
+    # of them without Slice= (so in system.slice, unlimited).  Meanwhile a
+    # CPU-bound probe outside runs on every CPU; its throughput is compared
+    # to an idle run of it just before and just after each flood.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    port, open_port = free_port(), free_port()
+    sd = boot(units(port, [("open", open_port, lambda s: re.sub(r"\nSlice=\S+\n", "\n", s))]))
+    sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket", "smtp521-open.socket")
+    limits = {k: sd.ctl("show", "-p", k, "--value", SLICE).stdout.strip()
+              for k in ("CPUQuotaPerSecUSec", "MemoryMax", "TasksMax")}
+    seconds, workers, holders = 8, 48, 32
+    idles, kept, tallies = [idle()], {}, {}
+    for name, p, unit in (("slice", port, SLICE), ("no slice", open_port, "system-smtp521\\x2dopen.slice")):
+        loop = asyncio.new_event_loop()
+        started = time.monotonic()
+        try:
+            task = loop.create_task(flood(p, seconds, workers, holders, lambda: memory(sd, unit)))
+            loop.run_until_complete(asyncio.sleep(1))
+            during = probe(seconds - 2)
+            loop.run_until_complete(asyncio.sleep(seconds - 2))
+            rate = during()
+            tally, mem = loop.run_until_complete(task)
+            took = time.monotonic() - started
+        finally:
+            loop.close()
+        idles.append(idle())
+        kept[name] = rate / max(idles[-2:])
+        tallies[name] = tally
+        print(f"\n{name}: probe {rate:.0f}/s, {100 * kept[name]:.0f}% of idle {max(idles[-2:]):.0f}/s;"
+              f" connections {tally} in {took:.1f} s; {mem / holders / 1024:.0f} KiB a held session")
+        assert tally["cut"] == 0 and tally["not connected"] == 0 and tally["whole"] > holders, tally
+        assert sd.state("smtp521.socket") == "active" and sd.state("smtp521-open.socket") == "active"
+        if name == "slice":
+            # 512 held sessions (MaxConnections=) fit in MemoryMax=.
+            assert mem / holders * 512 < int(limits["MemoryMax"]), (mem, limits)
+    print(f"slice {limits}; idle probe runs {[round(i) for i in idles]}")
+    assert sd.failed() == [], sd.failed()
+    assert kept["slice"] >= KEPT, kept
 
 
 # ------------------------------------------------------------ /etc/default/smtp521
