@@ -349,9 +349,13 @@ def test_environment_file_sets_options(boot):
     sd.write("/etc/default/smtp521", 'SMTP521_OPTS="-H envfile.test -r greeting"\n')
     out, _ = talk(port, b"QUIT\r\n")
     assert out == b"521 envfile.test does not accept mail\r\n221 envfile.test closing connection\r\n", out
-    # An unquoted $VAR in ExecStart= is split at whitespace, so one option
-    # value cannot hold a space: -m's text becomes separate arguments, and
-    # smtp521 refuses the stray words (a usage error, exit 64).
+    # An unquoted $VAR in ExecStart= is split at whitespace, honouring
+    # quotes inside the value: quoted, -m's text is one argument; bare, its
+    # words become separate arguments, and smtp521 refuses the stray ones
+    # (a usage error, exit 64).
+    sd.write("/etc/default/smtp521", "SMTP521_OPTS=\"-H envfile.test -m 'no mail here'\"\n")
+    out, _ = talk(port, b"QUIT\r\n")
+    assert out == b"220 envfile.test ESMTP no mail here\r\n221 envfile.test closing connection\r\n", out
     sd.write("/etc/default/smtp521", 'SMTP521_OPTS="-m no mail here"\n')
     assert refused(port)
     failed = sd.failed("smtp521@*")
