@@ -65,8 +65,10 @@ def read(name):
 # cgroup and its limits.
 SLICE = f"smtp521t{os.getpid()}.slice"
 # The least share of its idle throughput that a CPU-bound process outside
-# the slice keeps while a flood runs through it (measured: see the man page).
-KEPT = 0.5
+# the slice must keep while a flood runs through it.  Measured on 2 shared
+# CPUs: 62-93% with the slice, 25-56% without (the man page, DEPLOYMENT);
+# the margin is for a busier or smaller CI machine.
+KEPT = 0.45
 
 
 def units(port, variants=None):
@@ -307,7 +309,7 @@ def test_slice_keeps_host_cpu_under_flood(boot):
     limits = {k: sd.ctl("show", "-p", k, "--value", SLICE).stdout.strip()
               for k in ("CPUQuotaPerSecUSec", "MemoryMax", "TasksMax")}
     seconds, workers, holders = 8, 48, 32
-    idles, kept, tallies = [idle()], {}, {}
+    idles, kept = [idle()], {}
     for name, p, unit in (("slice", port, SLICE), ("no slice", open_port, "system-smtp521\\x2dopen.slice")):
         loop = asyncio.new_event_loop()
         started = time.monotonic()
@@ -323,7 +325,6 @@ def test_slice_keeps_host_cpu_under_flood(boot):
             loop.close()
         idles.append(idle())
         kept[name] = rate / max(idles[-2:])
-        tallies[name] = tally
         print(f"\n{name}: probe {rate:.0f}/s, {100 * kept[name]:.0f}% of idle {max(idles[-2:]):.0f}/s;"
               f" connections {tally} in {took:.1f} s; {mem / holders / 1024:.0f} KiB a held session")
         assert tally["cut"] == 0 and tally["not connected"] == 0 and tally["whole"] > holders, tally
