@@ -199,8 +199,20 @@ def test_serves_with_user_namespaces_blocked(boot, no_userns, journald):
         assert len(lines) == 3 and all(f"peer=127.0.0.1:{p} end=quit" in m for m, p in zip(lines, locals_)), lines
     else:
         # No journal to log to: systemd gives the instance /dev/null as
-        # stderr, and the session is unaffected.
-        assert not os.path.exists(f"/proc/{sd.pid}/root/run/systemd/journal/stdout")
+        # stderr (the log line is lost), and the session is unaffected.
+        assert not os.path.exists(sd.path("/run/systemd/journal/stdout"))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert s.recv(100).startswith(b"220 ")
+            ns = os.readlink(f"/proc/{sd.pid}/ns/pid")
+            stderr = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/pid") == ns and pid != str(sd.pid) and \
+                            os.readlink(f"/proc/{pid}/exe").endswith("/smtp521"):
+                        stderr.append(os.readlink(f"/proc/{pid}/fd/2"))
+                except OSError:
+                    pass
+            assert stderr == ["/dev/null"], stderr
 
     # The old unit: connections are accepted and closed unanswered.
     assert refused(old)
