@@ -93,6 +93,7 @@ install: smtp521
 	install -m 755 smtp521 $(DESTDIR)$(SBINDIR)/smtp521
 	install -m 644 man/smtp521.8 $(DESTDIR)$(MANDIR)/man8/smtp521.8
 	install -m 644 smtp521.socket $(DESTDIR)$(UNITDIR)/smtp521.socket
+	install -m 644 smtp521.slice $(DESTDIR)$(UNITDIR)/smtp521.slice
 	sed 's|^ExecStart=/usr/local/sbin/smtp521|ExecStart=$(SBINDIR)/smtp521|' smtp521@.service \
 		> $(DESTDIR)$(UNITDIR)/smtp521@.service
 	chmod 644 $(DESTDIR)$(UNITDIR)/smtp521@.service
@@ -104,6 +105,7 @@ install: smtp521
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/smtp521 $(DESTDIR)$(MANDIR)/man8/smtp521.8 \
 		$(DESTDIR)$(UNITDIR)/smtp521.socket $(DESTDIR)$(UNITDIR)/smtp521@.service \
+		$(DESTDIR)$(UNITDIR)/smtp521.slice \
 		$(DESTDIR)$(DOCDIR)/inetd.conf.example $(DESTDIR)$(DOCDIR)/README.md
 	-rmdir $(DESTDIR)$(DOCDIR)
 
