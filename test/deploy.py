@@ -242,6 +242,7 @@ def install_and_uninstall_with_destdir(binary):
         want = {"opt/s5/sbin/smtp521": 0o755, "opt/s5/share/man/man8/smtp521.8": 0o644,
                 "opt/s5/lib/systemd/system/smtp521.socket": 0o644,
                 "opt/s5/lib/systemd/system/smtp521@.service": 0o644,
+                "opt/s5/lib/systemd/system/smtp521.slice": 0o644,
                 "opt/s5/share/doc/smtp521/inetd.conf.example": 0o644,
                 "opt/s5/share/doc/smtp521/README.md": 0o644}
         found = {os.path.relpath(os.path.join(d, f), dest) for d, _, fs in os.walk(dest) for f in fs}
