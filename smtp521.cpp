@@ -194,7 +194,7 @@ struct Replies {
 // section 4, every reply carries one but the greeting and the replies to
 // HELO and EHLO, whether or not the client used EHLO (section 4: "regardless
 // of whether or not EHLO is employed"; section 5: there is no negotiation).
-// X.3.2 is the code RFC 7504 5 pairs with 521.  The 521 modes offer no
+// X.3.2 is the code RFC 7504 pairs with 521.  The 521 modes offer no
 // extension (EHLO itself is refused), so none of their replies carries one.
 bool build_replies(const Options& options, Replies& r) {
     const int nl = static_cast<int>(options.hostname.size());
