@@ -4,11 +4,11 @@
 // smtp521 per TCP connection, with the connection on fds 0 and 1.  It speaks
 // just enough SMTP to make the sending MTA return the message to its author
 // now (a permanent 5yz reply) instead of queueing it for days, logs one line,
-// and exits.  Standards: RFC 1846, RFC 7504, RFC 5321.  The rules cited as
-// R1..R18 are those of SPEC.md.
+// and exits.  Standards: RFC 1846, RFC 7504, RFC 5321, RFC 2034.
 //
-// Read top to bottom: options, reply texts, the session state machine (pure,
-// no I/O), the I/O loop, logging, main.
+// Read top to bottom: options, fixed buffers, the reply table of each mode,
+// the session state machine (pure, no I/O), the I/O loop, logging, the
+// alarm backstop, main.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -24,12 +24,16 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <climits>
+#include <csignal>
 #include <cstdarg>
 #include <cstddef>
 #include <cstdint>
@@ -47,13 +51,11 @@ constexpr std::string_view version = "1.0.0";
 
 // ---------------------------------------------------------------- options
 
-// When the refusal comes.  The default is `rcpt`: measured against Postfix,
-// Exim and OpenSMTPD in their default settings, only a 5yz reply after a 220
-// greeting makes every one of them return the mail at once; a 521 greeting
-// (RFC 7504 3) leaves it queued in Postfix and OpenSMTPD.  See the man page.
+// When the refusal comes.  The default is `rcpt`; why is the man page's
+// "Why the default is not the 521 greeting".
 enum class Mode {
     rcpt,      // 220 greeting, 250 to HELO/EHLO/MAIL, 521 5.3.2 from RCPT on
-    greeting,  // RFC 1846 4.2 (b): 521 greeting, 521 to all but QUIT
+    greeting,  // RFC 1846 4.2 (b), RFC 7504 3: 521 greeting, 521 to all but QUIT
     close,     // RFC 1846 4.2 (a): 521 greeting, then close
 };
 
@@ -81,9 +83,13 @@ constexpr std::size_t max_line = 512;
 constexpr std::size_t max_reply = 512;
 
 // sysexits(3): EX_USAGE for bad options.  A session ends with 0 however the
-// client behaved: under systemd a non-zero status would leave a failed unit
-// behind for every rude client.
+// client behaved, and however it ended (the alarm backstop included): under
+// systemd a non-zero status would leave a failed unit behind for every rude
+// client.
 constexpr int exit_ok = 0, exit_usage = 64;
+
+// Debian's convention for the host's mail name (mailname(5)).
+constexpr const char* mailname_path = "/etc/mailname";
 
 constexpr std::string_view usage_text =
     "usage: smtp521 [-c] [-r rcpt|greeting] [-H name] [-m text] [-t seconds]\n"
@@ -95,7 +101,8 @@ constexpr std::string_view usage_text =
     "                           with 521 5.3.2; greeting: greet 521 and answer\n"
     "                           521 to every command but QUIT (RFC 7504)\n"
     "  -c, --close              greet 521 and close at once (RFC 1846 4.2 a)\n"
-    "  -H, --hostname NAME      first word of every reply (default: gethostname)\n"
+    "  -H, --hostname NAME      first word of every reply (default: the first\n"
+    "                           line of /etc/mailname, else gethostname)\n"
     "  -m, --message TEXT       reply text after the name\n"
     "                           (default: \"does not accept mail\")\n"
     "  -t, --timeout SECONDS    end the session after SECONDS, 1-86400 (default 300)\n"
@@ -104,32 +111,82 @@ constexpr std::string_view usage_text =
     "  -l, --log TARGET         session log line to syslog (default), stderr\n"
     "                           or none\n"
     "  -V, --version            print the version and exit\n"
-    "  -h, --help               print this help and exit\n";
+    "  -h, --help               print this help and exit\n"
+    "An option given again overrides the earlier one; -r and -c set the same\n"
+    "thing, so the last of them wins.\n";
 
-// ---------------------------------------------------------------- reply texts
+// ---------------------------------------------------------------- fixed buffers
 
-// A reply is built once, at start, from the options, and then only copied:
-// the session emits fixed strings (RFC 1846 6).
-struct Reply {
-    char bytes[max_reply + 1] = {};
+// Every buffer is one of these: a reply, the output, a client's word, the
+// log line.  An append past the capacity is cut, never overflows, and `cut`
+// records it.
+template <std::size_t N>
+struct Text {
+    static constexpr std::size_t capacity = N;
+    char bytes[N];
     std::size_t length = 0;
+    bool cut = false;
+
+    std::size_t room() const { return N - length; }
+    void append(std::string_view s) {
+        const std::size_t n = std::min(s.size(), room());
+        if (n > 0) std::memcpy(bytes + length, s.data(), n);  // memcpy(_, nullptr, 0) is undefined
+        length += n;
+        cut = cut || n < s.size();
+    }
+    void clear() {
+        length = 0;
+        cut = false;
+    }
     std::string_view view() const { return {bytes, length}; }
 };
 
+// string_view::substr throws std::out_of_range; these clamp instead, so
+// nothing here can throw, and a static build links no exception machinery
+// (libstdc++'s emergency pool alone is a 70 KiB allocation at start).
+constexpr std::string_view head(std::string_view s, std::size_t n) { return {s.data(), std::min(n, s.size())}; }
+constexpr std::string_view tail(std::string_view s, std::size_t from) {
+    return from < s.size() ? std::string_view(s.data() + from, s.size() - from) : std::string_view(s.data() + s.size(), 0);
+}
+
+// ---------------------------------------------------------------- reply table
+
+// A reply is built once, at start, from the options, and then only copied:
+// the session emits fixed strings (RFC 1846 6).  One reply may be more than
+// one line (EHLO's), but all of it fits in max_reply.
+using Reply = Text<max_reply>;
+
+// The verbs the table tells apart (RFC 5321 4.1.1); every other line is
+// `other`.
+enum class Verb { other, helo, ehlo, mail, rcpt, rset, noop, quit };
+constexpr std::size_t verb_count = 8;
+
+struct Command {
+    std::string_view name;  // upper case; RFC 5321 2.4: matched case-insensitively
+    Verb verb;
+};
+constexpr Command commands[] = {
+    {"HELO", Verb::helo}, {"EHLO", Verb::ehlo}, {"MAIL", Verb::mail}, {"RCPT", Verb::rcpt},
+    {"RSET", Verb::rset}, {"NOOP", Verb::noop}, {"QUIT", Verb::quit},
+};
+
+// The whole protocol of one mode, after rblsmtpd's smtpcommands[]: the
+// greeting, whether the session ends with it, and the reply to each verb.
+// `other` answers any other line, and an overlong one.  QUIT ends the
+// session after its reply (RFC 5321 4.1.1.10).
 struct Replies {
-    Reply greeting;  // first line of the session
-    Reply helo;      // answer to HELO and EHLO
-    Reply mail;      // answer to MAIL in rcpt mode
-    Reply ok;        // answer to RSET and NOOP in rcpt mode
-    Reply refusal;   // the 521 with its enhanced code
-    Reply quit;      // RFC 5321 4.1.1.10: 221, then close
+    Reply greeting;
+    bool close_after_greeting = false;
+    Reply to[verb_count];
+    const Reply& operator[](Verb v) const { return to[static_cast<std::size_t>(v)]; }
+    Reply& operator[](Verb v) { return to[static_cast<std::size_t>(v)]; }
 };
 
 // printf into a reply and add CRLF; false if it would pass max_reply.
 [[gnu::format(printf, 2, 3)]] bool format_reply(Reply& reply, const char* format, ...) {
     std::va_list args;
     va_start(args, format);
-    int n = std::vsnprintf(reply.bytes, sizeof reply.bytes, format, args);
+    int n = std::vsnprintf(reply.bytes, Reply::capacity, format, args);
     va_end(args);
     if (n < 0 || static_cast<std::size_t>(n) + 2 > max_reply) return false;
     reply.bytes[n] = '\r';
@@ -138,33 +195,51 @@ struct Replies {
     return true;
 }
 
-// R1, R2: the code, then the host's name.  R10 (RFC 2034 3): no enhanced
-// status code in the greeting nor in the reply to HELO/EHLO.  X.3.2 is the
-// code RFC 7504 pairs with 521.  The EHLO reply is one line: no extension
-// is advertised, since none is honoured.
-bool build_replies(const Options& options, Replies& replies) {
+// The mode is decided here, and only here.  Every reply begins with its
+// code and then, RFC 1846 4.1 and RFC 5321 4.2, the host's name, except
+// where an enhanced status code comes first.
+//
+// Enhanced status codes (RFC 2034) belong to the ENHANCEDSTATUSCODES
+// extension, so they are sent where it is offered: in the rcpt mode, which
+// advertises it in its EHLO reply.  There, by RFC 2034 section 3 (4) and
+// section 4, every reply carries one but the greeting and the replies to
+// HELO and EHLO, whether or not the client used EHLO (section 4: "regardless
+// of whether or not EHLO is employed"; section 5: there is no negotiation).
+// X.3.2 is the code RFC 7504 pairs with 521.  The 521 modes offer no
+// extension (EHLO itself is refused), so none of their replies carries one.
+bool build_replies(const Options& options, Replies& r) {
     const int nl = static_cast<int>(options.hostname.size());
     const int ml = static_cast<int>(options.message.size());
     const char* name = options.hostname.data();
     const char* text = options.message.data();
     bool fits = true;
+    r.close_after_greeting = options.mode == Mode::close;
     if (options.mode == Mode::rcpt) {
-        fits &= format_reply(replies.greeting, "220 %.*s ESMTP %.*s", nl, name, ml, text);
-        fits &= format_reply(replies.helo, "250 %.*s", nl, name);
+        fits &= format_reply(r.greeting, "220 %.*s ESMTP %.*s", nl, name, ml, text);
+        fits &= format_reply(r[Verb::other], "521 5.3.2 %.*s %.*s", nl, name, ml, text);
+        for (Reply& reply : r.to) reply = r[Verb::other];  // RCPT first of all
+        fits &= format_reply(r[Verb::helo], "250 %.*s", nl, name);
+        fits &= format_reply(r[Verb::ehlo], "250-%.*s\r\n250 ENHANCEDSTATUSCODES", nl, name);
+        fits &= format_reply(r[Verb::mail], "250 2.1.0 Ok");
+        fits &= format_reply(r[Verb::rset], "250 2.0.0 Ok");
+        r[Verb::noop] = r[Verb::rset];
+        fits &= format_reply(r[Verb::quit], "221 2.0.0 %.*s closing connection", nl, name);
     } else {
-        fits &= format_reply(replies.greeting, "521 %.*s %.*s", nl, name, ml, text);
-        fits &= format_reply(replies.helo, "521 %.*s %.*s", nl, name, ml, text);
+        // RFC 1846 4.2 (b), RFC 7504 3: 521 to every command but QUIT.
+        fits &= format_reply(r.greeting, "521 %.*s %.*s", nl, name, ml, text);
+        for (Reply& reply : r.to) reply = r.greeting;
+        fits &= format_reply(r[Verb::quit], "221 %.*s closing connection", nl, name);
     }
-    fits &= format_reply(replies.mail, "250 2.1.0 Ok");
-    fits &= format_reply(replies.ok, "250 2.0.0 Ok");
-    fits &= format_reply(replies.refusal, "521 5.3.2 %.*s %.*s", nl, name, ml, text);
-    fits &= format_reply(replies.quit, "221 %.*s closing connection", nl, name);
     return fits;
 }
 
 // ---------------------------------------------------------------- session
 
-enum class EndReason { none, quit, eof, timeout, limit, http, tls, close, read_error, write_error };
+enum class EndReason { none, quit, eof, timeout, limit, http, tls, close, read_error, write_error, alarm };
+constexpr EndReason end_reasons[] = {EndReason::none,  EndReason::quit,       EndReason::eof,
+                                     EndReason::timeout, EndReason::limit,    EndReason::http,
+                                     EndReason::tls,   EndReason::close,      EndReason::read_error,
+                                     EndReason::write_error, EndReason::alarm};
 
 constexpr std::string_view end_reason_name(EndReason reason) {
     switch (reason) {
@@ -178,52 +253,19 @@ constexpr std::string_view end_reason_name(EndReason reason) {
     case EndReason::close: return "close";
     case EndReason::read_error: return "read-error";
     case EndReason::write_error: return "write-error";
+    case EndReason::alarm: return "alarm";
     }
     return "none";
 }
 
 // Replies waiting to be written.  Its size is one pipe buffer (PIPE_BUF), so
 // one write of it never blocks on a pipe that poll() called writable.
-struct Output {
-    static constexpr std::size_t capacity = 4096;
-    char bytes[capacity];
-    std::size_t length = 0;
-    std::size_t room() const { return capacity - length; }
-    void append(std::string_view s) {
-        std::memcpy(bytes + length, s.data(), s.size());
-        length += s.size();
-    }
-    std::string_view view() const { return {bytes, length}; }
-    void clear() { length = 0; }
-};
+using Output = Text<4096>;
 static_assert(Output::capacity >= 2 * max_reply, "room for the greeting and a reply");
 
 // What the client tried, for the log line: bounded copies of its words.
-struct Argument {
-    static constexpr std::size_t capacity = 100;
-    char bytes[capacity];
-    std::size_t length = 0;
-    bool truncated = false;
-    void set(std::string_view s) {
-        length = s.size() < capacity ? s.size() : capacity;
-        truncated = s.size() > capacity;
-        if (length > 0) std::memcpy(bytes, s.data(), length);  // memcpy(_, nullptr, 0) is undefined
-    }
-    bool empty() const { return length == 0; }  // a truncated argument has capacity octets
-    std::string_view view() const { return {bytes, length}; }
-};
-
+using Argument = Text<100>;
 constexpr std::size_t logged_rcpts = 3;
-
-enum class Verb { other, helo, ehlo, mail, rcpt, rset, noop, quit };
-
-// string_view::substr throws std::out_of_range; these clamp instead, so
-// nothing here can throw, and a static build links no exception machinery
-// (libstdc++'s emergency pool alone is a 70 KiB allocation at start).
-constexpr std::string_view head(std::string_view s, std::size_t n) { return {s.data(), n < s.size() ? n : s.size()}; }
-constexpr std::string_view tail(std::string_view s, std::size_t from) {
-    return from < s.size() ? std::string_view(s.data() + from, s.size() - from) : std::string_view(s.data() + s.size(), 0);
-}
 
 constexpr char to_upper(char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 'a' + 'A') : c; }
 
@@ -235,23 +277,27 @@ constexpr bool starts_with_nocase(std::string_view s, std::string_view prefix) {
     return true;
 }
 
-// A verb is the whole first word.
-constexpr bool is_verb(std::string_view line, std::string_view verb) {
-    return starts_with_nocase(line, verb) && (line.size() == verb.size() || line[verb.size()] == ' ');
+// RFC 5321 4.1.1 puts one SP after the verb; be liberal (RFC 5321 4.5.1's
+// robustness) and take any run of blanks, SP or HTAB, as the separator.
+constexpr bool is_blank(char c) { return c == ' ' || c == '\t'; }
+
+constexpr std::string_view skip_blanks(std::string_view s) {
+    std::size_t i = 0;
+    while (i < s.size() && is_blank(s[i])) ++i;
+    return tail(s, i);
 }
 
+// A verb is the whole first word: "QUIT", "QUIT\t" and "QUIT now" are QUIT,
+// "QUITX" is not.
 constexpr Verb verb_of(std::string_view line) {
-    if (is_verb(line, "HELO")) return Verb::helo;
-    if (is_verb(line, "EHLO")) return Verb::ehlo;
-    if (is_verb(line, "MAIL")) return Verb::mail;
-    if (is_verb(line, "RCPT")) return Verb::rcpt;
-    if (is_verb(line, "RSET")) return Verb::rset;
-    if (is_verb(line, "NOOP")) return Verb::noop;
-    if (is_verb(line, "QUIT")) return Verb::quit;
+    for (const Command& c : commands)
+        if (starts_with_nocase(line, c.name) && (line.size() == c.name.size() || is_blank(line[c.name.size()])))
+            return c.verb;
     return Verb::other;
 }
 
-// R18: an HTTP request line is not SMTP.  Methods are case-sensitive.
+// An HTTP request line is not SMTP (cf. Postfix's smtpd_forbidden_commands).
+// Methods are case-sensitive (RFC 9110 9.1).
 constexpr bool is_http_request(std::string_view line) {
     constexpr std::string_view methods[] = {"GET ",    "POST ",  "HEAD ",    "PUT ",  "DELETE ",
                                             "OPTIONS ", "PATCH ", "CONNECT ", "TRACE "};
@@ -263,33 +309,32 @@ constexpr bool is_http_request(std::string_view line) {
 // The interesting word of a HELO/MAIL/RCPT line: after the verb, past
 // "FROM:"/"TO:", the <path> up to '>' or the first word.
 constexpr std::string_view argument_of(std::string_view line) {
-    std::size_t i = 4;
-    while (i < line.size() && line[i] == ' ') ++i;
-    std::string_view rest = tail(line, i);
+    std::string_view rest = skip_blanks(tail(line, 4));
     for (std::string_view prefix : {std::string_view("FROM:"), std::string_view("TO:")}) {
         if (starts_with_nocase(rest, prefix)) {
-            rest.remove_prefix(prefix.size());
-            while (!rest.empty() && rest.front() == ' ') rest.remove_prefix(1);
+            rest = skip_blanks(tail(rest, prefix.size()));
             break;
         }
     }
     if (rest.empty()) return rest;
-    const bool bracketed = rest.front() == '<';
-    std::size_t end = bracketed ? rest.find('>') : rest.find(' ');
-    if (end == std::string_view::npos) return rest;
-    return head(rest, bracketed ? end + 1 : end);
+    if (rest.front() == '<') {
+        std::size_t end = rest.find('>');
+        return end == std::string_view::npos ? rest : head(rest, end + 1);
+    }
+    std::size_t end = 0;
+    while (end < rest.size() && !is_blank(rest[end])) ++end;
+    return head(rest, end);
 }
 
 // The protocol, with no I/O: bytes in, reply bytes out, an end reason.
 class Session {
 public:
-    Session(const Replies& replies, Mode mode, int max_commands)
-        : replies_(replies), mode_(mode), max_commands_(max_commands) {}
+    Session(const Replies& replies, int max_commands) : replies_(replies), max_commands_(max_commands) {}
 
-    // R16: the greeting goes out first, whatever an early talker has sent.
+    // The greeting goes out first, whatever an early talker has sent.
     void greet(Output& out) {
         out.append(replies_.greeting.view());
-        if (mode_ == Mode::close) end_ = EndReason::close;
+        if (replies_.close_after_greeting) end_ = EndReason::close;
     }
 
     // Consume input until it is used up, the session ends, or `out` has no
@@ -301,16 +346,12 @@ public:
             std::string_view rest = tail(input, used);
             std::size_t newline = rest.find('\n');
             std::string_view chunk = head(rest, newline);
-            // R8: keep at most one line's worth; the rest of a long line
-            // is counted, not stored.
-            std::size_t keep = chunk.size() < line_capacity - line_length_ ? chunk.size()
-                                                                          : line_capacity - line_length_;
-            std::memcpy(line_ + line_length_, chunk.data(), keep);
-            line_length_ += keep;
-            if (keep < chunk.size()) overlong_ = true;
+            // RFC 5321 4.5.3.1.4: keep at most one line's worth; the rest
+            // of a long line is counted, not stored.
+            line_.append(chunk);
             used += chunk.size();
-            // R18: a TLS handshake record begins 0x16 0x03.
-            if (commands_ == 0 && line_length_ >= 2 && line_[0] == '\x16' && line_[1] == '\x03') {
+            // A TLS handshake record begins 0x16 0x03 (RFC 8446 5.1).
+            if (commands_ == 0 && line_.length >= 2 && line_.bytes[0] == '\x16' && line_.bytes[1] == '\x03') {
                 end_ = EndReason::tls;
                 break;
             }
@@ -324,7 +365,7 @@ public:
     // The client closed its side: a last unterminated line still counts.
     void input_closed(Output& out) {
         if (end_ != EndReason::none) return;
-        if (line_length_ > 0 || overlong_) command(out);
+        if (line_.length > 0 || line_.cut) command(out);
         if (end_ == EndReason::none) end_ = EndReason::eof;
     }
 
@@ -337,16 +378,12 @@ public:
     int rcpt_count() const { return rcpt_count_; }
 
 private:
-    // R8: 512 octets with the line end: 510 of text and CRLF, or 511 and a
-    // bare LF.  The CR is kept with the text and stripped later.
-    static constexpr std::size_t line_capacity = max_line - 1;
-
     void command(Output& out) {
-        std::string_view line(line_, line_length_);
-        if (!line.empty() && line.back() == '\r') line.remove_suffix(1);  // R7: CRLF or bare LF
-        const bool overlong = overlong_;
-        line_length_ = 0;
-        overlong_ = false;
+        std::string_view line = line_.view();
+        // RFC 5321 2.3.8: CRLF ends a line; a bare LF is accepted too.
+        if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+        const bool overlong = line_.cut;
+        line_.clear();  // `line` stays valid: nothing is appended before the next call
 
         if (commands_ == 0 && is_http_request(line)) {
             end_ = EndReason::http;
@@ -355,51 +392,41 @@ private:
         ++commands_;
         const Verb verb = verb_of(line);
         record(verb, line);
-        out.append(reply_to(verb, overlong).view());
-        if (verb == Verb::quit && !overlong)
+        // An overlong line is refused whatever its verb.
+        const Verb answered = overlong ? Verb::other : verb;
+        out.append(replies_[answered].view());
+        if (answered == Verb::quit)
             end_ = EndReason::quit;
         else if (commands_ >= max_commands_)
             end_ = EndReason::limit;
     }
 
-    // R3 (b), R4, and the rcpt mode: which reply a command gets.  An
-    // overlong line is refused whatever its verb.
-    const Reply& reply_to(Verb verb, bool overlong) const {
-        if (overlong) return replies_.refusal;
-        switch (verb) {
-        case Verb::quit: return replies_.quit;
-        case Verb::helo:
-        case Verb::ehlo: return replies_.helo;
-        case Verb::mail: return mode_ == Mode::rcpt ? replies_.mail : replies_.refusal;
-        case Verb::rset:
-        case Verb::noop: return mode_ == Mode::rcpt ? replies_.ok : replies_.refusal;
-        case Verb::rcpt:
-        case Verb::other: return replies_.refusal;
-        }
-        return replies_.refusal;
-    }
-
     void record(Verb verb, std::string_view line) {
         switch (verb) {
         case Verb::helo:
-        case Verb::ehlo: helo_.set(argument_of(line)); break;
-        case Verb::mail: mail_.set(argument_of(line)); break;
+        case Verb::ehlo: set(helo_, argument_of(line)); break;
+        case Verb::mail: set(mail_, argument_of(line)); break;
         case Verb::rcpt:
-            if (static_cast<std::size_t>(rcpt_count_) < logged_rcpts) rcpt_[rcpt_count_].set(argument_of(line));
+            if (static_cast<std::size_t>(rcpt_count_) < logged_rcpts) set(rcpt_[rcpt_count_], argument_of(line));
             ++rcpt_count_;
             break;
         default: break;
         }
     }
 
+    static void set(Argument& a, std::string_view s) {
+        a.clear();
+        a.append(s);
+    }
+
     const Replies& replies_;
-    const Mode mode_;
     const int max_commands_;
     EndReason end_ = EndReason::none;
     int commands_ = 0;
-    char line_[line_capacity];
-    std::size_t line_length_ = 0;
-    bool overlong_ = false;
+    // RFC 5321 4.5.3.1.4: 512 octets with the line end: 510 of text and
+    // CRLF, or 511 and a bare LF.  The CR is kept with the text and
+    // stripped later; a longer line is `cut`.
+    Text<max_line - 1> line_;
     Argument helo_, mail_, rcpt_[logged_rcpts];
     int rcpt_count_ = 0;
 };
@@ -424,6 +451,7 @@ enum class Wait { ready, timeout, failed };
 
 // Wait until fd is ready for `events` or the deadline passes.  POLLHUP and
 // POLLERR count as ready: the read or write that follows reports them.
+// POLLNVAL (fd not open) is `failed`, and there is no errno to look at.
 Wait wait_for(int fd, short events, Millis deadline) {
     for (;;) {
         pollfd p{fd, events, 0};
@@ -453,7 +481,7 @@ EndReason write_all(const Connection& c, std::string_view data, Millis deadline)
         Wait w = wait_for(c.out, POLLOUT, deadline);
         if (w == Wait::timeout) return EndReason::timeout;
         if (w == Wait::failed) return EndReason::write_error;
-        std::size_t chunk = data.size() < PIPE_BUF ? data.size() : PIPE_BUF;
+        std::size_t chunk = std::min<std::size_t>(data.size(), PIPE_BUF);
         ssize_t n = c.out_is_socket ? send(c.out, data.data(), chunk, MSG_DONTWAIT | MSG_NOSIGNAL)
                                     : write(c.out, data.data(), chunk);
         if (n < 0) {
@@ -465,10 +493,10 @@ EndReason write_all(const Connection& c, std::string_view data, Millis deadline)
     return EndReason::none;
 }
 
-// R17: closing a socket with unread input makes the kernel send a reset,
-// which can destroy the last reply in flight.  Shut down our side, read and
-// discard what the client still sends for a short, bounded while, then
-// close.
+// Closing a socket with unread input makes the kernel send a reset (RFC 1122
+// 4.2.2.13), which can destroy the last reply in flight.  Shut down our
+// side, read and discard what the client still sends for a short, bounded
+// while, then close.
 constexpr Millis drain_ms = 500;
 constexpr std::size_t drain_bytes = 256 * 1024;
 
@@ -499,15 +527,19 @@ EndReason run(Session& session, const Connection& c, Millis deadline) {
             io = EndReason::timeout;
             break;
         }
-        ssize_t n = w == Wait::failed ? -1 : read(c.in, input, sizeof input);
+        if (w == Wait::failed) {  // errno is stale after POLLNVAL: no retry
+            io = EndReason::read_error;
+            break;
+        }
+        ssize_t n = read(c.in, input, sizeof input);
         if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
         if (n < 0) {
             io = EndReason::read_error;
             break;
         }
         if (n == 0) session.input_closed(out);
-        // R16: every reply of one read goes out in one write, unless it
-        // overflows the buffer.
+        // Clients pipeline (RFC 2920), advertised or not: every reply of one
+        // read goes out in one write, unless it overflows the buffer.
         std::string_view rest(input, static_cast<std::size_t>(n));
         do {
             rest.remove_prefix(session.feed(rest, out));
@@ -523,50 +555,81 @@ EndReason run(Session& session, const Connection& c, Millis deadline) {
 
 // ---------------------------------------------------------------- logging
 
-// Client text goes into the log escaped: printable ASCII but for '\\' as
-// is, everything else (space, controls, CR, LF, 8-bit) as \xHH, so one
-// session is always one line of space-separated key=value fields and a
-// client cannot forge a line or a field.
-struct LogLine {
-    char bytes[2048];
-    std::size_t length = 0;
+// One line per session, of space-separated key=value fields, bounded by
+// construction: each value has a worst case, and the buffer is their sum.
+//
+// Client text (and the environment's) goes in escaped: printable ASCII but
+// '\\' as is, everything else (space, controls, CR, LF, 8-bit) as \xHH, so a
+// client can forge neither a line nor a field.  A value is cut at its
+// maximum of log text, on an escape's boundary, and the cut is marked "...".
+constexpr std::string_view cut_mark = "...";
+constexpr std::size_t value_max = Argument::capacity;  // octets of log text
+constexpr std::size_t cut_value_max(std::size_t max) { return max + cut_mark.size(); }
 
-    void add(std::string_view s) {
-        std::size_t n = s.size() < sizeof bytes - length ? s.size() : sizeof bytes - length;
-        std::memcpy(bytes + length, s.data(), n);
-        length += n;
-    }
-    void add_number(long long v) {
-        char digits[24];
-        int n = std::snprintf(digits, sizeof digits, "%lld", v);
-        add({digits, static_cast<std::size_t>(n)});
-    }
-    void add_escaped(std::string_view s) {
-        static constexpr char hex[] = "0123456789abcdef";
-        for (unsigned char c : s) {
-            if (c > 0x20 && c < 0x7f && c != '\\') {
-                char ch = static_cast<char>(c);
-                add({&ch, 1});
-            } else {
-                char esc[4] = {'\\', 'x', hex[c >> 4], hex[c & 15]};
-                add({esc, 4});
-            }
+template <std::size_t N>
+void add_escaped(Text<N>& log, std::string_view s, std::size_t max, bool already_cut = false) {
+    static constexpr char hex[] = "0123456789abcdef";
+    std::size_t written = 0;
+    bool cut = already_cut;
+    for (unsigned char c : s) {
+        const bool plain = c > 0x20 && c < 0x7f && c != '\\';
+        if (written + (plain ? 1 : 4) > max) {
+            cut = true;
+            break;
         }
+        const char escaped[4] = {plain ? static_cast<char>(c) : '\\', 'x', hex[c >> 4], hex[c & 15]};
+        log.append({escaped, plain ? 1u : 4u});
+        written += plain ? 1 : 4;
     }
-    void add_argument(const Argument& a) {
-        if (a.empty()) return add("-");
-        add_escaped(a.view());
-        if (a.truncated) add("...");
-    }
-    std::string_view view() const { return {bytes, length}; }
-};
+    if (cut) log.append(cut_mark);
+}
 
-// The peer, as "address:port" (IPv6 in brackets): getpeername() on fd 0;
-// else the super-server's environment (systemd, then tcpserver); else
-// "local" (a pipe or a file).  Read before the greeting: once the client
-// has reset or the connection is closed, getpeername() fails (ENOTCONN),
-// and a client that resets at once is one an administrator wants named.
-void add_peer(LogLine& log, int fd) {
+constexpr std::size_t digits(unsigned long long v) { return v < 10 ? 1 : 1 + digits(v / 10); }
+constexpr std::size_t int_width = 1 + digits(INT_MAX);  // with a sign
+
+constexpr std::size_t end_name_max() {
+    std::size_t n = 0;
+    for (EndReason r : end_reasons) n = std::max(n, end_reason_name(r).size());
+    return n;
+}
+
+// "address:port", an IPv6 address in brackets; or "local".
+constexpr std::size_t peer_address_max = 64, peer_port_max = 8;
+using Peer = Text<1 + cut_value_max(peer_address_max) + 1 + 1 + cut_value_max(peer_port_max)>;
+
+constexpr std::size_t duration_width = digits(LLONG_MAX / 1000) + std::string_view(".mmm").size();
+constexpr std::size_t argument_field_max = cut_value_max(value_max);  // "-" when empty
+constexpr std::size_t rcpt_list_max = logged_rcpts * argument_field_max + (logged_rcpts - 1);  // commas
+constexpr std::size_t sandbox_field_max = std::string_view(" sandbox=off").size();
+
+constexpr std::size_t log_line_max =
+    std::string_view("peer=").size() + Peer::capacity + std::string_view(" end=").size() + end_name_max() +
+    std::string_view(" commands=").size() + int_width + std::string_view(" duration=").size() + duration_width +
+    std::string_view(" helo=").size() + argument_field_max + std::string_view(" mail=").size() +
+    argument_field_max + std::string_view(" rcpt=").size() + rcpt_list_max + std::string_view(" rcpts=").size() +
+    int_width + sandbox_field_max;
+using LogLine = Text<log_line_max>;
+
+// What glibc's syslog(3) puts before the line: "<PRI>Mmm dd hh:mm:ss ",
+// the ident, "[pid]: ".  RFC 3164 4.1: a syslog packet is at most 1024
+// octets, so every session line arrives whole.
+constexpr std::size_t syslog_header_max =
+    std::string_view("<191>Mmm dd hh:mm:ss smtp521[]: ").size() + digits(INT_MAX);
+static_assert(syslog_header_max + log_line_max <= 1024, "a log line fits in one RFC 3164 packet");
+
+template <std::size_t N>
+void add_number(Text<N>& log, long long v) {
+    char number[24];
+    int n = std::snprintf(number, sizeof number, "%lld", v);
+    log.append({number, n > 0 ? static_cast<std::size_t>(n) : 0});
+}
+
+// The peer: getpeername() on fd 0; else the super-server's environment
+// (systemd, then tcpserver); else "local" (a pipe or a file).  Read before
+// the greeting: once the client has reset or the connection is closed,
+// getpeername() fails (ENOTCONN), and a client that resets at once is one an
+// administrator wants named.
+void add_peer(Peer& peer, int fd) {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
     char address_buffer[INET6_ADDRSTRLEN] = {};
@@ -598,48 +661,53 @@ void add_peer(LogLine& log, int fd) {
         if (!address.empty()) break;
         const char* a = std::getenv(pair[0]);
         if (a == nullptr || *a == '\0') continue;
-        address = head(a, 64);
+        address = a;
         const char* p = std::getenv(pair[1]);
-        port = head(p != nullptr ? p : "", 8);
+        port = p != nullptr ? p : "";
     }
-    if (address.empty()) return log.add("local");
-    // The environment is not to be trusted: escaped like client text.
+    if (address.empty()) return peer.append("local");
+    // The environment is not to be trusted: escaped and cut like client text.
     const bool v6 = address.find(':') != std::string_view::npos;
-    log.add(v6 ? "[" : "");
-    log.add_escaped(address);
-    log.add(v6 ? "]" : "");
+    peer.append(v6 ? "[" : "");
+    add_escaped(peer, address, peer_address_max);
+    peer.append(v6 ? "]" : "");
     if (!port.empty()) {
-        log.add(":");
-        log.add_escaped(port);
+        peer.append(":");
+        add_escaped(peer, port, peer_port_max);
     }
 }
 
+void add_argument(LogLine& log, const Argument& a) {
+    if (a.length == 0 && !a.cut) return log.append("-");
+    add_escaped(log, a.view(), value_max, a.cut);
+}
+
 // peer= end= commands= duration= helo= mail= rcpt= rcpts= sandbox=
-void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, std::string_view peer,
-                bool sandbox) {
-    log.add("peer=");
-    log.add(peer);
-    log.add(" end=");
-    log.add(end_reason_name(end));
-    log.add(" commands=");
-    log.add_number(s.commands());
+void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, const Peer& peer, bool sandbox) {
+    log.append("peer=");
+    log.append(peer.view());
+    log.append(" end=");
+    log.append(end_reason_name(end));
+    log.append(" commands=");
+    add_number(log, s.commands());
+    elapsed = std::max<Millis>(elapsed, 0);
     char duration[32];
     int n = std::snprintf(duration, sizeof duration, " duration=%lld.%03lld", elapsed / 1000, elapsed % 1000);
-    log.add({duration, static_cast<std::size_t>(n)});
-    log.add(" helo=");
-    log.add_argument(s.helo());
-    log.add(" mail=");
-    log.add_argument(s.mail());
-    log.add(" rcpt=");
-    int shown = s.rcpt_count() < static_cast<int>(logged_rcpts) ? s.rcpt_count() : static_cast<int>(logged_rcpts);
-    if (shown == 0) log.add("-");
-    for (int i = 0; i < shown; ++i) {
-        if (i > 0) log.add(",");
-        log.add_argument(s.rcpt(static_cast<std::size_t>(i)));
+    log.append({duration, n > 0 ? static_cast<std::size_t>(n) : 0});
+    log.append(" helo=");
+    add_argument(log, s.helo());
+    log.append(" mail=");
+    add_argument(log, s.mail());
+    log.append(" rcpt=");
+    const std::size_t shown = std::min(static_cast<std::size_t>(s.rcpt_count()), logged_rcpts);
+    if (shown == 0) log.append("-");
+    for (std::size_t i = 0; i < shown; ++i) {
+        if (i > 0) log.append(",");
+        add_argument(log, s.rcpt(i));
     }
-    log.add(" rcpts=");
-    log.add_number(s.rcpt_count());
-    log.add(sandbox ? " sandbox=on" : " sandbox=off");
+    log.append(" rcpts=");
+    add_number(log, s.rcpt_count());
+    log.append(sandbox ? " sandbox=on" : " sandbox=off");
 }
 
 // Under inetd fds 0, 1 and 2 are all the connection; under systemd too,
@@ -651,6 +719,12 @@ bool stderr_is_connection() {
     if (!S_ISSOCK(err.st_mode)) return false;
     auto same = [&](const struct stat& other) { return err.st_dev == other.st_dev && err.st_ino == other.st_ino; };
     return (fstat(0, &in) == 0 && same(in)) || (fstat(1, &out) == 0 && same(out));
+}
+
+// Where the log line really goes: stderr only if it is not the connection.
+// Decided once, before the sandbox (fstat).
+LogTarget effective_target(LogTarget wanted) {
+    return wanted == LogTarget::stderr_ && stderr_is_connection() ? LogTarget::syslog : wanted;
 }
 
 void write_stderr(std::string_view line) {
@@ -666,23 +740,89 @@ void write_stderr(std::string_view line) {
 // a socket; the confined process only sends on it.
 void open_syslog() { openlog("smtp521", LOG_PID | LOG_NDELAY, LOG_MAIL); }
 
-// Where the log line goes, decided before the sandbox is on (fstat): where
-// stderr is the connection, the line goes to syslog instead.
-LogTarget resolve_log_target(LogTarget wanted) {
-    return wanted == LogTarget::stderr_ && stderr_is_connection() ? LogTarget::syslog : wanted;
-}
-
 void emit_log(LogTarget target, int priority, std::string_view line) {
     if (target == LogTarget::none) return;
     if (target == LogTarget::stderr_) {
-        char with_newline[sizeof LogLine::bytes + 1];
-        std::memcpy(with_newline, line.data(), line.size());
-        with_newline[line.size()] = '\n';
-        write_stderr({with_newline, line.size() + 1});
-        return;
+        Text<LogLine::capacity + 1> with_newline;
+        with_newline.append(line);
+        with_newline.append("\n");
+        return write_stderr(with_newline.view());
     }
     open_syslog();
     syslog(priority, "%.*s", static_cast<int>(line.size()), line.data());
+}
+
+// ---------------------------------------------------------------- the alarm backstop
+
+// Every wait of a session ends at the deadline (wait_for), so only logging
+// can block past it: a syslog daemon or a journal that stopped reading.
+// alarm() ends the process 2 s after the deadline all the same.  Its handler
+// writes a line prepared in advance, the session's with end=alarm, to the
+// log target, waits for that target at most a second, and exits 0 like any
+// session.  A target still stuck then loses the line: nothing else could
+// take it.  The handler does only async-signal-safe calls (POSIX 2.4.3).
+struct Backstop {
+    static constexpr std::size_t message_max = syslog_header_max + LogLine::capacity + 1;
+    Text<message_max> message[2];  // one is prepared while the handler may read the other
+    volatile std::sig_atomic_t ready = -1;  // the one the handler writes; -1: none
+    LogTarget target = LogTarget::none;
+    bool sandbox = false;  // for the log line: confine() succeeded
+    int socket = -1;       // made before the sandbox, which refuses socket()
+    sockaddr_un devlog{AF_UNIX, "/dev/log"};  // glibc's _PATH_LOG
+};
+Backstop backstop;
+
+// A datagram socket for the handler, with a one-second send timeout: the
+// handler only sends on it.
+void open_backstop_socket() {
+    backstop.socket = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    const timeval one_second{1, 0};
+    if (backstop.socket >= 0 &&
+        setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &one_second, sizeof one_second) != 0) {
+        close(backstop.socket);
+        backstop.socket = -1;
+    }
+}
+
+extern "C" void on_alarm(int) {
+    const std::sig_atomic_t i = backstop.ready;
+    if (i >= 0) {
+        const auto& m = backstop.message[i];
+        if (backstop.target == LogTarget::syslog) {
+            if (backstop.socket >= 0)
+                (void)!sendto(backstop.socket, m.bytes, m.length, MSG_NOSIGNAL, reinterpret_cast<const sockaddr*>(&backstop.devlog),
+                              sizeof backstop.devlog);
+        } else if (backstop.target == LogTarget::stderr_) {
+            // Never blocks: a socket is sent to with MSG_DONTWAIT, and a
+            // pipe that polls writable takes a write of up to PIPE_BUF.
+            pollfd p{2, POLLOUT, 0};
+            if (poll(&p, 1, 1000) == 1 && (p.revents & POLLOUT) != 0 &&
+                send(2, m.bytes, m.length, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 && errno == ENOTSOCK)
+                (void)!write(2, m.bytes, m.length);
+        }
+    }
+    _exit(exit_ok);
+}
+static_assert(Backstop::message_max <= PIPE_BUF, "one write to a pipe, all or nothing");
+
+// Prepare the line the handler writes.  The syslog packet has no timestamp:
+// the receiver adds its own (RFC 3164 4.3.2).
+void prepare_backstop(const Session& s, Millis elapsed, const Peer& peer) {
+    if (backstop.target == LogTarget::none) return;
+    const std::sig_atomic_t next = backstop.ready == 0 ? 1 : 0;
+    auto& m = backstop.message[next];
+    m.clear();
+    if (backstop.target == LogTarget::syslog) {
+        char header[48];
+        int n = std::snprintf(header, sizeof header, "<%d>smtp521[%d]: ", LOG_MAIL | LOG_INFO, static_cast<int>(getpid()));
+        m.append({header, n > 0 ? static_cast<std::size_t>(n) : 0});
+    }
+    LogLine line;
+    format_log(line, s, EndReason::alarm, elapsed, peer, backstop.sandbox);
+    m.append(line.view());
+    if (backstop.target == LogTarget::stderr_) m.append("\n");
+    std::atomic_signal_fence(std::memory_order_seq_cst);  // the message before the index
+    backstop.ready = next;
 }
 
 // ---------------------------------------------------------------- confinement
@@ -706,7 +846,6 @@ constexpr int allowed_syscalls[] = {
     SYS_close,                          // syslog(3) drops a dead /dev/log socket
     SYS_clock_gettime, SYS_gettimeofday,  // the deadline, where the vDSO cannot
     SYS_getpid,                         // syslog(3)'s LOG_PID
-    SYS_rt_sigreturn,                   // return from the backstop's signal handler
     SYS_exit_group, SYS_exit,
 };
 
@@ -794,41 +933,42 @@ bool confine() {
     return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog) == 0;
 }
 
-// ---------------------------------------------------------------- main
+// ---------------------------------------------------------------- options, main
 
 // A usage error: one line, to syslog, and to stderr when that is not the
-// connection; never to the client.
-[[gnu::format(printf, 1, 2)]] int usage_error(const char* format, ...) {
+// connection; never to the client.  Then exit, as errx(3) does.
+[[noreturn, gnu::format(printf, 1, 2)]] void usage_error(const char* format, ...) {
     char message[600];
     std::va_list args;
     va_start(args, format);
     int n = std::vsnprintf(message, sizeof message, format, args);
     va_end(args);
-    if (n < 0) n = 0;
-    std::size_t length = static_cast<std::size_t>(n) < sizeof message ? static_cast<std::size_t>(n) : sizeof message - 1;
+    const std::size_t length = std::min(n > 0 ? static_cast<std::size_t>(n) : 0, sizeof message - 1);
     open_syslog();
     syslog(LOG_ERR, "%.*s", static_cast<int>(length), message);
     if (!stderr_is_connection()) {
-        LogLine line;
-        line.add("smtp521: ");
-        line.add({message, length});
-        line.add(" (see smtp521 --help)\n");
+        Text<sizeof message + 64> line;
+        line.append("smtp521: ");
+        line.append({message, length});
+        line.append(" (see smtp521 --help)\n");
         write_stderr(line.view());
     }
-    return exit_usage;
+    std::exit(exit_usage);
 }
 
-bool parse_number(const char* text, int low, int high, int& value) {
-    if (*text < '0' || *text > '9') return false;  // no sign, no space
+// A whole number from low to high (low >= 0), as strtonum(3): the value, or
+// -1 if the text is anything else.
+int parse_number(const char* text, int low, int high) {
+    if (*text < '0' || *text > '9') return -1;  // no sign, no space
     errno = 0;
     char* end = nullptr;
     long v = std::strtol(text, &end, 10);
-    if (errno != 0 || *end != '\0' || v < low || v > high) return false;
-    value = static_cast<int>(v);
-    return true;
+    if (errno != 0 || *end != '\0' || v < low || v > high) return -1;
+    return static_cast<int>(v);
 }
 
-// R2: a name is one word of printable ASCII: a domain or an address literal.
+// RFC 5321 4.1.3, 2.3.5: a name is one word of printable ASCII: a domain or
+// an address literal.
 bool valid_hostname(std::string_view name) {
     if (name.empty() || name.size() > 255) return false;
     for (unsigned char c : name)
@@ -844,10 +984,9 @@ bool valid_message(std::string_view text) {
     return true;
 }
 
-enum class Parse { run, done, error };
-
-Parse parse_options(int argc, char** argv, Options& options, char* hostname_buffer, std::size_t buffer_size,
-                    int& status) {
+// Every option sets one field, and a later one overrides an earlier one:
+// -r and -c both set the mode.  -V and -h print and exit.
+Options parse_options(int argc, char** argv) {
     static const option long_options[] = {
         {"refuse-at", required_argument, nullptr, 'r'}, {"close", no_argument, nullptr, 'c'},
         {"hostname", required_argument, nullptr, 'H'},  {"message", required_argument, nullptr, 'm'},
@@ -855,146 +994,143 @@ Parse parse_options(int argc, char** argv, Options& options, char* hostname_buff
         {"log", required_argument, nullptr, 'l'},       {"version", no_argument, nullptr, 'V'},
         {"help", no_argument, nullptr, 'h'},            {nullptr, 0, nullptr, 0},
     };
-    bool refuse_at_rcpt_given = false, close_given = false;
+    Options options;
     opterr = 0;  // our own one-line messages, never getopt's
     int opt;
     while ((opt = getopt_long(argc, argv, ":r:cH:m:t:n:l:Vh", long_options, nullptr)) != -1) {
-        std::string_view arg = optarg != nullptr ? optarg : "";
+        const std::string_view arg = optarg != nullptr ? optarg : "";
         switch (opt) {
         case 'r':
-            if (arg == "rcpt") {
-                refuse_at_rcpt_given = true;
-                options.mode = Mode::rcpt;
-            } else if (arg == "greeting") {
-                if (options.mode != Mode::close) options.mode = Mode::greeting;
-            } else {
-                status = usage_error("invalid --refuse-at '%.64s': expected rcpt or greeting", optarg);
-                return Parse::error;
-            }
+            if (arg == "rcpt") options.mode = Mode::rcpt;
+            else if (arg == "greeting") options.mode = Mode::greeting;
+            else usage_error("invalid --refuse-at '%.64s': expected rcpt or greeting", optarg);
             break;
-        case 'c':
-            close_given = true;
-            options.mode = Mode::close;
-            break;
+        case 'c': options.mode = Mode::close; break;
         case 'H':
-            if (!valid_hostname(arg)) {
-                status = usage_error("invalid --hostname '%.64s': expected one word of printable ASCII, "
-                                     "at most 255 characters", optarg);
-                return Parse::error;
-            }
+            if (!valid_hostname(arg))
+                usage_error("invalid --hostname '%.64s': expected one word of printable ASCII, at most 255 characters",
+                            optarg);
             options.hostname = arg;
             break;
         case 'm':
-            if (!valid_message(arg)) {
-                status = usage_error("invalid --message: expected printable ASCII text, no control characters "
-                                     "(no CR or LF)");
-                return Parse::error;
-            }
+            if (!valid_message(arg))
+                usage_error("invalid --message: expected printable ASCII text, no control characters (no CR or LF)");
             options.message = arg;
             break;
         case 't':
-            if (!parse_number(optarg, min_timeout, max_timeout, options.timeout_seconds)) {
-                status = usage_error("invalid --timeout '%.64s': expected whole seconds from %d to %d", optarg,
-                                     min_timeout, max_timeout);
-                return Parse::error;
-            }
+            options.timeout_seconds = parse_number(optarg, min_timeout, max_timeout);
+            if (options.timeout_seconds < 0)
+                usage_error("invalid --timeout '%.64s': expected whole seconds from %d to %d", optarg, min_timeout,
+                            max_timeout);
             break;
         case 'n':
-            if (!parse_number(optarg, min_commands, max_commands_limit, options.max_commands)) {
-                status = usage_error("invalid --max-commands '%.64s': expected a whole number from %d to %d",
-                                     optarg, min_commands, max_commands_limit);
-                return Parse::error;
-            }
+            options.max_commands = parse_number(optarg, min_commands, max_commands_limit);
+            if (options.max_commands < 0)
+                usage_error("invalid --max-commands '%.64s': expected a whole number from %d to %d", optarg,
+                            min_commands, max_commands_limit);
             break;
         case 'l':
             if (arg == "syslog") options.log = LogTarget::syslog;
             else if (arg == "stderr") options.log = LogTarget::stderr_;
             else if (arg == "none") options.log = LogTarget::none;
-            else {
-                status = usage_error("invalid --log '%.64s': expected syslog, stderr or none", optarg);
-                return Parse::error;
-            }
+            else usage_error("invalid --log '%.64s': expected syslog, stderr or none", optarg);
             break;
         case 'V': {
             char text[64];
             int n = std::snprintf(text, sizeof text, "smtp521 %.*s\n", static_cast<int>(version.size()),
                                   version.data());
             (void)!write(1, text, static_cast<std::size_t>(n));
-            status = exit_ok;
-            return Parse::done;
+            std::exit(exit_ok);
         }
         case 'h':
             (void)!write(1, usage_text.data(), usage_text.size());
-            status = exit_ok;
-            return Parse::done;
-        case ':':
-            status = usage_error("option '%.64s' needs a value", argv[optind - 1]);
-            return Parse::error;
+            std::exit(exit_ok);
+        case ':': usage_error("option '%.64s' needs a value", argv[optind - 1]);
         default:
-            if (optopt != 0) status = usage_error("unknown option '-%c'", optopt);
-            else status = usage_error("unknown option '%.64s'", argv[optind - 1]);
-            return Parse::error;
+            if (optopt != 0) usage_error("unknown option '-%c'", optopt);
+            usage_error("unknown option '%.64s'", argv[optind - 1]);
         }
     }
-    if (optind < argc) {
-        status = usage_error("unexpected argument '%.64s'", argv[optind]);
-        return Parse::error;
+    if (optind < argc) usage_error("unexpected argument '%.64s'", argv[optind]);
+    return options;
+}
+
+// RFC 5321 2.3.5 and 4.1.3 want the host's fully qualified name (or an
+// address literal) in the greeting.  Without DNS (a sandboxed unit may have
+// no network): the first line of Debian's /etc/mailname, the name this host
+// gives its mail; else the kernel's name, which is often not qualified
+// (hence -H); else "localhost".  `buffer` holds the name.
+std::string_view default_hostname(Text<256>& buffer, const char* mailname) {
+    buffer.clear();
+    const int fd = open(mailname, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd >= 0) {
+        ssize_t n;
+        do n = read(fd, buffer.bytes, Text<256>::capacity);
+        while (n < 0 && errno == EINTR);
+        close(fd);
+        std::string_view text(buffer.bytes, n > 0 ? static_cast<std::size_t>(n) : 0);
+        std::string_view line = skip_blanks(head(text, text.find('\n')));
+        while (!line.empty() && (is_blank(line.back()) || line.back() == '\r')) line.remove_suffix(1);
+        if (valid_hostname(line)) return line;
     }
-    if (close_given && refuse_at_rcpt_given) {
-        status = usage_error("--close closes after a 521 greeting: it cannot go with --refuse-at rcpt");
-        return Parse::error;
+    if (gethostname(buffer.bytes, Text<256>::capacity) == 0) {
+        buffer.bytes[Text<256>::capacity - 1] = '\0';
+        std::string_view kernel(buffer.bytes);
+        if (valid_hostname(kernel)) return kernel;
     }
-    if (options.hostname.empty()) {
-        // No DNS (SPEC: a sandboxed unit may have no network): the kernel's name.
-        if (gethostname(hostname_buffer, buffer_size) != 0) hostname_buffer[0] = '\0';
-        hostname_buffer[buffer_size - 1] = '\0';
-        options.hostname = hostname_buffer;
-        if (!valid_hostname(options.hostname)) options.hostname = "localhost";
-    }
-    return Parse::run;
+    return "localhost";
 }
 
 int main(int argc, char** argv) {
     const Millis start = now_ms();
-    Options options;
-    char hostname_buffer[256];
-    int status = exit_ok;
-    if (parse_options(argc, argv, options, hostname_buffer, sizeof hostname_buffer, status) != Parse::run)
-        return status;
+    Options options = parse_options(argc, argv);
+    Text<256> hostname_buffer;
+    if (options.hostname.empty()) options.hostname = default_hostname(hostname_buffer, mailname_path);
     Replies replies;
     if (!build_replies(options, replies))
-        return usage_error("--hostname and --message make a reply longer than %zu octets (RFC 5321 4.5.3.1.5)",
-                           max_reply);
+        usage_error("--hostname and --message make a reply longer than %zu octets (RFC 5321 4.5.3.1.5)", max_reply);
 
     // A vanished peer must give EPIPE, not death by SIGPIPE.
     struct sigaction ignore{};
     ignore.sa_handler = SIG_IGN;
     sigaction(SIGPIPE, &ignore, nullptr);
-    // Last resort should anything block past the deadline (a stuck syslog
-    // socket): the kernel ends the process two seconds after it.
-    alarm(static_cast<unsigned>(options.timeout_seconds) + 2);
 
     Connection connection;
     connection.in_is_socket = is_socket(connection.in);
     connection.out_is_socket = is_socket(connection.out);
     const Millis deadline = start + static_cast<Millis>(options.timeout_seconds) * 1000;
 
-    LogLine peer;
+    Peer peer;
     if (options.log != LogTarget::none) add_peer(peer, connection.in);
-    const LogTarget log_target = resolve_log_target(options.log);
-    if (log_target == LogTarget::syslog) {
+    Session session(replies, options.max_commands);
+
+    // Everything that needs the system, before the sandbox: where the log
+    // goes (fstat), the syslog socket and the time zone it stamps, and the
+    // backstop's own socket and signal handler.
+    backstop.target = effective_target(options.log);
+    if (backstop.target == LogTarget::syslog) {
         open_syslog();
-        tzset();  // syslog(3) stamps local time: read /etc/localtime now
+        tzset();
+        open_backstop_socket();
     }
+    struct sigaction on_alarm_action{};
+    on_alarm_action.sa_handler = on_alarm;
+    sigaction(SIGALRM, &on_alarm_action, nullptr);
     // Nothing from the client has been read yet.
-    const bool sandbox = confine();
+    backstop.sandbox = confine();
 
-    Session session(replies, options.mode, options.max_commands);
-    EndReason end = run(session, connection, deadline);
+    // The backstop, armed before the first byte to the client.
+    constexpr int backstop_seconds = 2;
+    prepare_backstop(session, (static_cast<Millis>(options.timeout_seconds) + backstop_seconds) * 1000, peer);
+    alarm(static_cast<unsigned>(options.timeout_seconds + backstop_seconds));
 
+    const EndReason end = run(session, connection, deadline);
+
+    const Millis elapsed = now_ms() - start;
+    prepare_backstop(session, elapsed, peer);
     LogLine log;
-    format_log(log, session, end, now_ms() - start, peer.view(), sandbox);
-    emit_log(log_target, LOG_INFO, log.view());
+    format_log(log, session, end, elapsed, peer, backstop.sandbox);
+    emit_log(backstop.target, LOG_INFO, log.view());
     return exit_ok;
 }
 

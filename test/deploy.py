@@ -22,10 +22,10 @@ def test(fn):
 
 
 GREET = b"220 mx.test ESMTP does not accept mail\r\n"
-BYE = b"221 mx.test closing connection\r\n"
+BYE = b"221 2.0.0 mx.test closing connection\r\n"
 REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
 SESSION_IN = crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<b@mx.test>", "QUIT")
-SESSION_OUT = GREET + b"250 mx.test\r\n250 2.1.0 Ok\r\n" + REFUSAL + BYE
+SESSION_OUT = GREET + b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n250 2.1.0 Ok\r\n" + REFUSAL + BYE
 
 
 def free_port():

@@ -20,19 +20,30 @@ void require(bool ok, const char* what) {
     if (!ok) fail(what);
 }
 
-// Every reply line: three digits, a space, printable text, CRLF, at most
-// 512 octets (RFC 5321 4.2, 4.5.3.1.5); never a 4yz (R9).
-void check_replies(std::string_view out, std::string_view& last_line) {
+// Every reply: lines of three digits, a space or (all but the last) a
+// hyphen, printable text, CRLF, each at most 512 octets (RFC 5321 4.2,
+// 4.5.3.1.5); never a 4yz (RFC 5321 4.2.1: it would ask for a retry).
+// Enhanced status codes (RFC 2034 3 (4)) in the rcpt mode on every reply but
+// the greeting and HELO/EHLO's, whose class is the reply's; in the other
+// modes on none.
+void check_replies(std::string_view out, std::string_view& last_line, bool enhanced, bool& greeted) {
     while (!out.empty()) {
         std::size_t eol = out.find("\r\n");
         require(eol != std::string_view::npos, "reply ends in CRLF");
         std::string_view line = head(out, eol);
         require(line.size() + 2 <= max_reply, "reply within 512 octets");
-        require(line.size() >= 4, "reply has a code and a space");
+        require(line.size() >= 4, "reply has a code and a separator");
         for (int i = 0; i < 3; ++i) require(line[i] >= '0' && line[i] <= '9', "three digits");
         require(line[0] == '2' || line[0] == '5', "2yz or 5yz, never 4yz");
-        require(line[3] == ' ', "single-line reply: code SP text");
+        require(line[3] == ' ' || line[3] == '-', "code SP text, or code - text");
         for (char c : tail(line, 4)) require(c >= 0x20 && c < 0x7f, "printable text");
+        const bool exempt = !greeted || line == "250 mx.test" || line == "250-mx.test" ||
+                            line == "250 ENHANCEDSTATUSCODES";
+        const bool coded = line.size() > 10 && line[4] == line[0] && line[5] == '.' && line[3] == ' ';
+        if (enhanced && !exempt) require(coded, "an enhanced code, of the reply's class");
+        if (!enhanced) require(!coded && line.find("ENHANCEDSTATUSCODES") == std::string_view::npos,
+                               "no extension, no enhanced code");
+        greeted = true;
         last_line = line;
         out = tail(out, eol + 2);
     }
@@ -51,12 +62,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
     Replies replies;
     require(build_replies(options, replies), "default replies fit");
-    Session session(replies, options.mode, options.max_commands);
+    Session session(replies, options.max_commands);
     Output out;
     session.greet(out);
     std::size_t total_out = out.length;
     std::string_view last_line;
-    check_replies(out.view(), last_line);
+    const bool enhanced = options.mode == Mode::rcpt;
+    bool greeted = false;
+    check_replies(out.view(), last_line, enhanced, greeted);
     out.clear();
 
     std::size_t lines = 1;
@@ -76,7 +89,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             require(out.length <= Output::capacity, "output buffer bounded");
             if (was_ended) require(used == 0 && out.length == 0, "nothing answered after the end");
             if (!was_ended && !session.ended()) require(used > 0, "feed makes progress");
-            check_replies(out.view(), last_line);
+            check_replies(out.view(), last_line, enhanced, greeted);
             total_out += out.length;
             out.clear();
             if (session.ended()) break;
@@ -87,7 +100,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     bool was_ended = session.ended();
     session.input_closed(out);
     if (was_ended) require(out.length == 0, "nothing answered after the end");
-    check_replies(out.view(), last_line);
+    check_replies(out.view(), last_line, enhanced, greeted);
     total_out += out.length;
 
     require(session.ended(), "input end ends the session");

@@ -11,8 +11,8 @@ from harness import crlf, fields
 
 DEADLINE = 3  # smtp521 -t; the whole suite takes about two deadlines
 GREET = b"220 mx.test ESMTP does not accept mail\r\n"
-BYE = b"221 mx.test closing connection\r\n"
-FULL_OUT = GREET + b"250 mx.test\r\n250 2.1.0 Ok\r\n521 5.3.2 mx.test does not accept mail\r\n" + BYE
+BYE = b"221 2.0.0 mx.test closing connection\r\n"
+FULL_OUT = GREET + b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n250 2.1.0 Ok\r\n521 5.3.2 mx.test does not accept mail\r\n" + BYE
 KINDS = {"full": 250, "silent": 150, "slowloris": 25, "flooder": 25, "resetter": 25, "halfclose": 25}
 TESTS = []
 

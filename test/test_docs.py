@@ -1,0 +1,73 @@
+"""Facts that live in two files stay equal: the man page quotes
+inetd.conf.example, and documents what the binary prints.  Run with
+    /usr/bin/python3 -m pytest -q test/test_docs.py"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(*path):
+    with open(os.path.join(ROOT, *path)) as f:
+        return f.read()
+
+
+def literal_blocks(man):
+    """The text of every .Bd -literal ... .Ed display of the page."""
+    return [m.group(1).splitlines() for m in re.finditer(r"^\.Bd -literal[^\n]*\n(.*?)^\.Ed$", man, re.M | re.S)]
+
+
+def example():
+    lines = read("inetd.conf.example").splitlines()
+    inetd = [line for line in lines if line and not line.startswith("#")]
+    start = lines.index("# service smtp")
+    stanza = [line[2:] if line.startswith("# ") else line[1:] for line in lines[start:] if line.startswith("#")]
+    return inetd, stanza
+
+
+def test_man_page_quotes_the_inetd_lines_of_the_example():
+    inetd, _ = example()
+    assert len(inetd) == 2, inetd
+    assert inetd in literal_blocks(read("man", "smtp521.8")), "the man page's inetd lines differ from inetd.conf.example"
+
+
+def test_man_page_quotes_the_xinetd_stanza_of_the_example():
+    _, stanza = example()
+    assert stanza[0] == "service smtp" and stanza[-1] == "}", stanza
+    assert stanza in literal_blocks(read("man", "smtp521.8")), "the man page's xinetd stanza differs from the example"
+
+
+def test_man_page_says_tcpserver_is_ipv4_only():
+    man = read("man", "smtp521.8")
+    section = man[man.index(".Ss tcpserver"):man.index(".Sh", man.index(".Ss tcpserver"))]
+    assert "IPv4-only" in section
+
+
+def test_man_page_documents_every_end_reason():
+    man = read("man", "smtp521.8")
+    source = read("smtp521.cpp")
+    names = re.findall(r'case EndReason::\w+: return "([\w-]+)";', source)
+    assert "alarm" in names, names
+    for name in names:
+        if name != "none":
+            assert re.search(rf"^\.Cm {re.escape(name)}\b", man, re.M), name
+
+
+def test_man_page_is_lint_clean():
+    if shutil.which("mandoc") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mandoc is missing")
+        pytest.skip("needs mandoc")
+    p = subprocess.run(["mandoc", "-Tlint", "-Wwarning", os.path.join(ROOT, "man", "smtp521.8")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stdout + p.stderr
+
+
+def test_readme_keeps_the_rationale_short_and_points_to_the_man_page():
+    readme = read("README.md")
+    assert "Why the default greets with 220" not in readme
+    assert "man 8 smtp521" in readme or "smtp521(8)" in readme
