@@ -1113,16 +1113,16 @@ int main(int argc, char** argv) {
         tzset();
         open_backstop_socket();
     }
+    // The backstop, armed before the first byte to the client; its line
+    // is ready long before the alarm can ring.
     struct sigaction on_alarm_action{};
     on_alarm_action.sa_handler = on_alarm;
     sigaction(SIGALRM, &on_alarm_action, nullptr);
+    constexpr int backstop_seconds = 2;
+    alarm(static_cast<unsigned>(options.timeout_seconds + backstop_seconds));
     // Nothing from the client has been read yet.
     backstop.sandbox = confine();
-
-    // The backstop, armed before the first byte to the client.
-    constexpr int backstop_seconds = 2;
     prepare_backstop(session, (static_cast<Millis>(options.timeout_seconds) + backstop_seconds) * 1000, peer);
-    alarm(static_cast<unsigned>(options.timeout_seconds + backstop_seconds));
 
     const EndReason end = run(session, connection, deadline);
 

@@ -20,7 +20,7 @@ EHLO = b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
 REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
 BYE = b"221 2.0.0 mx.test closing connection\r\n"
 BYE_521 = b"221 mx.test closing connection\r\n"
-FIELDS = ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts"]
+FIELDS = ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"]
 
 
 def binaries():
