@@ -110,7 +110,8 @@ uninstall:
 # The Debian package (debian/), built from a copy, in a temporary
 # directory, of the files git tracks or would track (not the ignored build
 # products), since dpkg-buildpackage writes into the parent directory.
-# The .deb, .changes, .dsc ... land in DEBOUT.  Needs debhelper, dpkg-dev
+# The .deb, .changes, .dsc ... land in DEBOUT.  The build's own make
+# runs without this one's flags (-s would hide the compile line from blhc).  Needs debhelper, dpkg-dev
 # and fakeroot (test/packages).
 DEBOUT ?= .
 deb:
@@ -121,7 +122,7 @@ deb:
 	else \
 		tar --exclude-vcs --exclude='./smtp521_*' -cf - . | tar -xf - -C "$$src"; \
 	fi; \
-	(cd "$$src" && dpkg-buildpackage -us -uc $(DEBBUILDFLAGS)); \
+	(cd "$$src" && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc $(DEBBUILDFLAGS)); \
 	cp "$$work"/smtp521_$(VERSION)* "$$work"/smtp521-dbgsym_$(VERSION)_* $(DEBOUT)/
 
 # lintian on the package, then piuparts in a bookworm chroot: install,
