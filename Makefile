@@ -10,6 +10,12 @@ DOCDIR   ?= $(PREFIX)/share/doc/smtp521
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
 PYTHON   ?= python3
 
+# The version's one home is the first line of debian/changelog,
+# "smtp521 (1.0.0) unstable; ...": sed, not dpkg-parsechangelog, so that a
+# bare g++ and make build it.
+VERSION  := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
+VERSIONDEF = -DSMTP521_VERSION='"$(VERSION)"'
+
 # Always on, whatever CXXFLAGS says: the language level, warnings, and the
 # hardening Debian applies to network daemons.
 WARN     = -std=c++17 -Wall -Wextra -Wpedantic -Wshadow -Wconversion
@@ -24,16 +30,16 @@ SANITIZE = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-re
 
 all: smtp521
 
-smtp521: smtp521.cpp
-	$(CXX) $(WARN) $(HARDEN) $(CPPFLAGS) $(CXXFLAGS) $(LINKMODE) $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+smtp521: smtp521.cpp debian/changelog
+	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(LINKMODE) $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
 
 # The same, linked dynamically: the benchmark's comparison.
-smtp521-dynamic: smtp521.cpp
-	$(CXX) $(WARN) $(HARDEN) $(CPPFLAGS) $(CXXFLAGS) -pie $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+smtp521-dynamic: smtp521.cpp debian/changelog
+	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) -pie $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
 
 # The same program under AddressSanitizer and UndefinedBehaviorSanitizer.
-smtp521-asan: smtp521.cpp
-	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(CPPFLAGS) -o $@ smtp521.cpp
+smtp521-asan: smtp521.cpp debian/changelog
+	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ smtp521.cpp
 
 test/catch_main.o: test/catch_main.cpp
 	$(CXX) -std=c++17 -O1 $(CPPFLAGS) -c -o $@ test/catch_main.cpp
@@ -41,25 +47,25 @@ test/catch_main.o: test/catch_main.cpp
 test/catch_main-asan.o: test/catch_main.cpp
 	$(CXX) -std=c++17 -O1 $(SANITIZE) $(CPPFLAGS) -c -o $@ test/catch_main.cpp
 
-test/unit: test/unit.cpp smtp521.cpp test/catch_main.o
-	$(CXX) $(WARN) -O1 -g $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main.o
+test/unit: test/unit.cpp smtp521.cpp debian/changelog test/catch_main.o
+	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main.o
 
-test/unit-asan: test/unit.cpp smtp521.cpp test/catch_main-asan.o
-	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main-asan.o
+test/unit-asan: test/unit.cpp smtp521.cpp debian/changelog test/catch_main-asan.o
+	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main-asan.o
 
 # The confinement's own tests (test/sandbox.cpp): each case forks a child
 # that installs the seccomp filter.
 test/sandbox: test/sandbox.cpp smtp521.cpp test/catch_main.o
-	$(CXX) $(WARN) -O1 -g $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main.o
+	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main.o
 
 test/sandbox-asan: test/sandbox.cpp smtp521.cpp test/catch_main-asan.o
-	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main-asan.o
+	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main-asan.o
 
 # libFuzzer target of the session core (clang, libclang-rt-14-dev).
 FUZZ_CXX     ?= clang++
 FUZZ_SECONDS ?= 300
-test/fuzz: test/fuzz.cpp smtp521.cpp
-	$(FUZZ_CXX) -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined $(CPPFLAGS) -o $@ test/fuzz.cpp
+test/fuzz: test/fuzz.cpp smtp521.cpp debian/changelog
+	$(FUZZ_CXX) -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined $(VERSIONDEF) $(CPPFLAGS) -o $@ test/fuzz.cpp
 
 # Fuzz for FUZZ_SECONDS; new inputs go to a temporary directory, never into
 # the committed corpus.
@@ -87,13 +93,13 @@ readme: test/interop-table.md
 	$(PYTHON) test/splice-readme README.md test/interop-table.md
 
 # Install into $(DESTDIR)$(PREFIX); the service unit's ExecStart follows
-# SBINDIR.
+# SBINDIR, and the man page's footer gets the version.
 install: smtp521
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR)
 	install -m 755 smtp521 $(DESTDIR)$(SBINDIR)/smtp521
-	install -m 644 man/smtp521.8 $(DESTDIR)$(MANDIR)/man8/smtp521.8
-	install -m 644 smtp521.socket $(DESTDIR)$(UNITDIR)/smtp521.socket
-	install -m 644 smtp521.slice $(DESTDIR)$(UNITDIR)/smtp521.slice
+	sed 's/^\.Os$$/.Os smtp521 $(VERSION)/' man/smtp521.8 > $(DESTDIR)$(MANDIR)/man8/smtp521.8
+	chmod 644 $(DESTDIR)$(MANDIR)/man8/smtp521.8
+	install -m 644 smtp521.socket smtp521.slice $(DESTDIR)$(UNITDIR)/
 	sed 's|^ExecStart=/usr/local/sbin/smtp521|ExecStart=$(SBINDIR)/smtp521|' smtp521@.service \
 		> $(DESTDIR)$(UNITDIR)/smtp521@.service
 	chmod 644 $(DESTDIR)$(UNITDIR)/smtp521@.service
@@ -109,8 +115,31 @@ uninstall:
 		$(DESTDIR)$(DOCDIR)/inetd.conf.example $(DESTDIR)$(DOCDIR)/README.md
 	-rmdir $(DESTDIR)$(DOCDIR)
 
+# The Debian package (debian/), built from a copy, in a temporary
+# directory, of the files git tracks or would track (not the ignored build
+# products), since dpkg-buildpackage writes into the parent directory.
+# The .deb, .changes, .dsc ... land in DEBOUT.  The build's own make
+# runs without this one's flags (-s would hide the compile line from blhc).  Needs debhelper, dpkg-dev
+# and fakeroot (test/packages).
+DEBOUT ?= .
+deb:
+	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	src="$$work/smtp521-$(VERSION)"; mkdir "$$src"; \
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$$src"; \
+	else \
+		tar --exclude-vcs --exclude='./smtp521_*' -cf - . | tar -xf - -C "$$src"; \
+	fi; \
+	(cd "$$src" && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc $(DEBBUILDFLAGS)); \
+	cp "$$work"/smtp521_$(VERSION)* "$$work"/smtp521-dbgsym_$(VERSION)_* $(DEBOUT)/
+
+# lintian on the package, then piuparts in a bookworm chroot: install,
+# upgrade from the previous build, remove, purge (test/deb-check).
+deb-check:
+	test/deb-check
+
 clean:
 	rm -f smtp521 smtp521-asan smtp521-dynamic test/unit test/unit-asan test/sandbox test/sandbox-asan test/fuzz test/*.o
 	rm -rf test/bench/out
 
-.PHONY: all check clean install uninstall interop readme bench fuzz
+.PHONY: all check clean install uninstall interop readme bench fuzz deb deb-check

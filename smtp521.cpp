@@ -47,7 +47,7 @@
 
 namespace smtp521 {
 
-constexpr std::string_view version = "1.0.0";
+constexpr std::string_view version = SMTP521_VERSION;  // make: from debian/changelog
 
 // ---------------------------------------------------------------- options
 

@@ -1,0 +1,442 @@
+"""The Debian package (debian/): built from this tree with `make deb`, its
+file list, its version, its build flags, lintian, and the units and
+maintainer scripts from the .deb under a private systemd (test/with-systemd).
+
+Run: /usr/bin/python3 -m pytest -q test/test_package.py (root for the
+systemd tests; debhelper, dpkg-dev, fakeroot, lintian, blhc, file from
+test/packages).  piuparts is not run here but by `make deb-check`.
+"""
+import gzip
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from deploy import SESSION_IN, SESSION_OUT, Systemd, free_port, talk
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CI = os.environ.get("CI") == "true"
+
+
+def need(*tools):
+    for tool in tools:
+        if shutil.which(tool) is None:
+            if CI:
+                pytest.fail(f"{tool} missing under CI=true (test/packages)")
+            pytest.skip(f"needs {tool}")
+
+
+def need_root():
+    if os.geteuid() != 0:
+        if CI:
+            pytest.fail("CI=true runs as root")
+        pytest.skip("needs root")
+
+
+def changelog_version():
+    with open(os.path.join(ROOT, "debian", "changelog")) as f:
+        m = re.match(r"smtp521 \(([^)]+)\) ", f.readline())
+    assert m, "debian/changelog: first line is not `smtp521 (VERSION) ...`"
+    return m.group(1)
+
+
+# What the package holds, and its modes: every file the package must ship.
+FILES = {
+    "etc/default/smtp521": 0o644,
+    "lib/systemd/system/smtp521.slice": 0o644,
+    "lib/systemd/system/smtp521.socket": 0o644,
+    "lib/systemd/system/smtp521@.service": 0o644,
+    "usr/sbin/smtp521": 0o755,
+    "usr/share/doc/smtp521/README.Debian": 0o644,
+    "usr/share/doc/smtp521/README.md.gz": 0o644,
+    "usr/share/doc/smtp521/changelog.gz": 0o644,
+    "usr/share/doc/smtp521/copyright": 0o644,
+    "usr/share/doc/smtp521/inetd.conf.example": 0o644,
+    "usr/share/lintian/overrides/smtp521": 0o644,
+    "usr/share/man/man8/smtp521.8.gz": 0o644,
+}
+
+# What dpkg-buildpackage leaves behind when run in the tree itself.
+LITTER = re.compile(r"smtp521[-_].*\.(deb|changes|buildinfo|dsc|tar\.xz)$|^debian/(smtp521|\.debhelper|files"
+                    r"|debhelper-build-stamp|.*\.substvars|.*\.debhelper\.log)$")
+
+
+def litter():
+    found = set()
+    for d in (ROOT, os.path.dirname(ROOT)):
+        found |= {os.path.join(d, n) for n in os.listdir(d) if LITTER.search(n)}
+    found |= {os.path.join(ROOT, "debian", n) for n in os.listdir(os.path.join(ROOT, "debian"))
+              if LITTER.search("debian/" + n)}
+    return found
+
+
+class Package:
+    def __init__(self, out, log):
+        self.out, self.log = out, log
+        self.version = changelog_version()
+        arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        self.deb = os.path.join(out, f"smtp521_{self.version}_{arch}.deb")
+        self.changes = os.path.join(out, f"smtp521_{self.version}_{arch}.changes")
+        self.tree = os.path.join(out, "tree")
+        subprocess.run(["dpkg-deb", "-x", self.deb, self.tree], check=True)
+        self.control = os.path.join(out, "control")
+        subprocess.run(["dpkg-deb", "-e", self.deb, self.control], check=True)
+
+    def path(self, rel):
+        return os.path.join(self.tree, rel)
+
+    def read(self, rel):
+        with open(self.path(rel)) as f:
+            return f.read()
+
+
+@pytest.fixture(scope="module")
+def package():
+    need("dpkg-buildpackage", "dh", "fakeroot")
+    before = litter()
+    out = tempfile.mkdtemp(prefix="smtp521-deb-")
+    os.chmod(out, 0o755)
+    try:
+        p = subprocess.run(["make", "-s", "deb", f"DEBOUT={out}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=900)
+        log = p.stdout + p.stderr
+        assert p.returncode == 0, log[-4000:]
+        assert litter() == before, f"the build left files in the tree: {litter() - before}"
+        yield Package(out, log)
+    finally:
+        shutil.rmtree(out)
+
+
+# ------------------------------------------------------------ contents
+
+def test_deb_lists_every_file(package):
+    listing = subprocess.run(["dpkg-deb", "-c", package.deb], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    files = {}
+    for line in listing:
+        mode, owner, _size, _date, _time, path = line.split(None, 5)
+        assert owner == "root/root", line
+        if not mode.startswith("d"):
+            files[path.removeprefix("./")] = mode
+    assert set(files) == set(FILES), sorted(set(files) ^ set(FILES))
+    for path, mode in FILES.items():
+        want = "-" + "".join(c if int(b) else "-" for b, c in zip(f"{mode:09b}", "rwxrwxrwx"))
+        assert files[path] == want, (path, files[path])
+    with open(os.path.join(package.control, "conffiles")) as f:
+        assert f.read().split() == ["/etc/default/smtp521"]
+
+
+def test_units_and_examples_name_usr_sbin(package):
+    svc = package.read("lib/systemd/system/smtp521@.service")
+    assert re.search(r"^ExecStart=/usr/sbin/smtp521 --log stderr \$SMTP521_OPTS$", svc, re.M), svc
+    assert "\nEnvironmentFile=-/etc/default/smtp521\n" in svc and "\nSlice=smtp521.slice\n" in svc
+    inetd = package.read("usr/share/doc/smtp521/inetd.conf.example")
+    assert "/usr/sbin/smtp521" in inetd and "/usr/local" not in inetd
+
+
+def test_version_agrees_everywhere(package):
+    v = package.version
+    field = subprocess.run(["dpkg-deb", "-f", package.deb, "Version"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert field == v
+    out = subprocess.run([package.path("usr/sbin/smtp521"), "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == f"smtp521 {v}\n", out
+    # The tree's own build, by `make` alone.
+    subprocess.run(["make", "-s", "smtp521"], cwd=ROOT, check=True, capture_output=True)
+    out = subprocess.run([os.path.join(ROOT, "smtp521"), "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == f"smtp521 {v}\n", out
+    with gzip.open(package.path("usr/share/man/man8/smtp521.8.gz"), "rt") as f:
+        man = f.read()
+    assert re.search(r"^\.Os smtp521 (\S+)$", man, re.M).group(1) == v
+    with gzip.open(package.path("usr/share/doc/smtp521/changelog.gz"), "rt") as f:
+        assert f.readline().startswith(f"smtp521 ({v}) ")
+
+
+def long_options():
+    """The long options of --help, but --version and --help."""
+    subprocess.run(["make", "-s", "smtp521"], cwd=ROOT, check=True, capture_output=True)
+    out = subprocess.run([os.path.join(ROOT, "smtp521"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    opts = re.findall(r"^\s+-\w, (--[\w-]+)", out, re.M)
+    assert len(opts) >= 8, out
+    return [o for o in opts if o not in ("--version", "--help")], out
+
+
+def test_default_file_lists_every_option_with_its_default(package):
+    text = package.read("etc/default/smtp521")
+    assert re.findall(r"^[^#\s].*$", text, re.M) == ['SMTP521_OPTS=""'], text
+    commented = re.findall(r'^#SMTP521_OPTS="(.*)"$', text, re.M)
+    opts, help_text = long_options()
+    for opt in opts:
+        assert any(c.split()[0] == opt for c in commented), f"{opt} not in /etc/default/smtp521"
+    # The defaults --help states, as the file shows them.
+    for opt, default in (("--refuse-at", "rcpt"), ("--timeout", "300"), ("--max-commands", "200")):
+        assert f"{opt} {default}" in commented, (opt, default)
+    assert re.search(r"rcpt \(default\)", help_text) and "(default 300)" in help_text
+    assert re.search(r"\(default\s+200\)", help_text)
+    assert "--message 'does not accept mail'" in commented and '"does not accept mail"' in help_text
+
+
+def test_build_flags_and_static_pie(package):
+    need("blhc", "readelf", "file")
+    # The compile line has the Makefile's flags and dpkg-buildflags'.
+    line = next(ln for ln in package.log.splitlines() if re.match(r"\S*g\+\+ .* -o smtp521 smtp521\.cpp$", ln))
+    for flag in ("-static-pie", "-fPIE", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong",
+                 "-fstack-clash-protection", "-Wl,-z,relro", "-Wl,-z,now", "-Wl,-z,noexecstack",
+                 "-Werror=format-security", "-Wdate-time", "-O2"):
+        assert flag in line.split(), (flag, line)
+    with tempfile.NamedTemporaryFile("w", suffix=".log") as log:
+        log.write(package.log)
+        log.flush()
+        # blhc takes -static-pie for a missing -pie.
+        p = subprocess.run(["blhc", "--all", "--ignore-flag", "-pie", log.name], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    exe = package.path("usr/sbin/smtp521")
+    p = subprocess.run(["file", "-b", exe], capture_output=True, text=True)
+    assert "static-pie linked" in p.stdout, p.stdout
+    head = subprocess.run(["readelf", "-hdlW", exe], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"Type:\s+DYN", head), "not position independent"
+    assert "(NEEDED)" not in head, "not static"
+    assert re.search(r"\(FLAGS\)\s+BIND_NOW", head) and "GNU_RELRO" in head
+    stack = re.search(r"GNU_STACK.*", head).group(0)
+    assert stack.split()[-2] == "RW", stack
+
+
+def test_lintian_clean(package):
+    need("lintian")
+    p = subprocess.run(["lintian", "--fail-on", "error,warning", package.changes], capture_output=True,
+                       text=True, timeout=600)
+    tags = [ln for ln in p.stdout.splitlines() if re.match(r"[EW]: ", ln)]
+    assert p.returncode == 0 and tags == [], p.stdout + p.stderr
+
+
+# ------------------------------------------------------------ under systemd
+
+def unit_copy(package, name, port, envfile=None):
+    """A unit from the package with only what the private systemd needs
+    changed: the port (ListenStream=25), the binary's path (test/with-systemd
+    puts it at /usr/local/sbin), and optionally the environment file."""
+    text = package.read(f"lib/systemd/system/{name}")
+    if name == "smtp521.socket":
+        assert "\nListenStream=25\n" in text
+        text = text.replace("\nListenStream=25\n", f"\nListenStream={port}\n")
+    if name == "smtp521@.service":
+        assert "\nExecStart=/usr/sbin/smtp521 " in text
+        text = text.replace("\nExecStart=/usr/sbin/smtp521 ", "\nExecStart=/usr/local/sbin/smtp521 ")
+        if envfile:
+            text = text.replace("\nEnvironmentFile=-/etc/default/smtp521\n", f"\nEnvironmentFile=-{envfile}\n")
+    return text
+
+
+UNITS = ("smtp521.socket", "smtp521@.service", "smtp521.slice")
+
+
+def expected(name, text=b"does not accept mail"):
+    return SESSION_OUT.replace(b"mx.test", name).replace(b"does not accept mail", text)
+
+
+def start_session(port, host="127.0.0.1"):
+    """A session held open after EHLO."""
+    c = socket.create_connection((host, port), timeout=30)
+    got = b""
+    while got.count(b"\r\n") < 1:
+        got += c.recv(1000)
+    c.sendall(SESSION_IN.split(b"\r\n")[0] + b"\r\n")
+    while got.count(b"\r\n") < 2:
+        got += c.recv(1000)
+    return c, got
+
+
+def finish_session(c, got):
+    c.sendall(b"\r\n".join(SESSION_IN.split(b"\r\n")[1:]))
+    while True:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    c.close()
+    return got
+
+
+def test_units_from_the_package_serve_a_session(package):
+    # The units as shipped, the port and the binary's path aside, under a
+    # real systemd; the environment file is the package's conffile.
+    need_root()
+    need("unshare", "nsenter")
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="smtp521-pkgunits-")
+    os.chmod(d, 0o755)
+    env = os.path.join(d, "default")
+    shutil.copy(package.path("etc/default/smtp521"), env)
+    units = os.path.join(d, "units")
+    os.mkdir(units)
+    for name in UNITS:
+        with open(os.path.join(units, name), "w") as f:
+            f.write(unit_copy(package, name, f"127.0.0.1:{port}", envfile=env))
+    sd = Systemd(units, package.path("usr/sbin/smtp521"))
+    try:
+        sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket")
+        name = socket.gethostname().encode()
+        c, got = start_session(port)
+        instances = sd.ctl("list-units", "--plain", "--no-legend", "smtp521@*").stdout.split()
+        slice_ = sd.ctl("show", "-p", "Slice", "--value", instances[0]).stdout.strip()
+        assert finish_session(c, got) == expected(name)
+        assert slice_ == "smtp521.slice", (instances, slice_)
+        # The environment file is read for each session: options with a
+        # quoted argument reach smtp521 as words.
+        with open(env) as f:
+            text = f.read()
+        with open(env, "w") as f:
+            f.write(text.replace('\nSMTP521_OPTS=""\n', "\nSMTP521_OPTS=\"-H mx.test --message 'takes no mail'\"\n"))
+        out, _ = talk(port, SESSION_IN, timeout=30)
+        assert out == expected(b"mx.test", b"takes no mail"), out
+    finally:
+        sd.stop()
+        shutil.rmtree(d)
+
+
+class Namespace:
+    """The package's units installed under /lib/systemd/system of a private
+    systemd's mount namespace, and its maintainer scripts run there as
+    dpkg runs them.  deb-systemd-helper's state and policy-rc.d (Docker's
+    forbids starting services) are private to the namespace too."""
+
+    def __init__(self, package, port):
+        self.package, self.port = package, port
+        self.dir = tempfile.mkdtemp(prefix="smtp521-pkgns-")
+        os.chmod(self.dir, 0o755)
+        # test/with-systemd wants one unit of its own: the package's are
+        # installed by the test.
+        own = os.path.join(self.dir, "own")
+        os.mkdir(own)
+        with open(os.path.join(own, "smtp521-pkgtest-idle.target"), "w") as f:
+            f.write("[Unit]\nDescription=placeholder\n")
+        self.units = os.path.join(self.dir, "units")
+        os.mkdir(self.units)
+        for name in UNITS:
+            with open(os.path.join(self.units, name), "w") as f:
+                f.write(unit_copy(package, name, port))
+        self.sd = Systemd(own, package.path("usr/sbin/smtp521"))
+        self.sh("mount -t tmpfs tmpfs /var/lib/systemd; "
+                "if [ -e /usr/sbin/policy-rc.d ]; then mount --bind /bin/true /usr/sbin/policy-rc.d; fi")
+        self.sd.ctl("start", "systemd-journald.socket", "systemd-journald.service")
+
+    def sh(self, script, env=None):
+        return subprocess.run(["nsenter", "-t", str(self.sd.pid), "-m", "-p", "-r", "-w", "sh", "-ec", script],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    def unpack(self):
+        self.sh(f"cp {self.units}/* /lib/systemd/system/")
+
+    def delete(self):
+        self.sh("rm -f " + " ".join(f"/lib/systemd/system/{n}" for n in UNITS))
+
+    def script(self, name, *args):
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DPKG_MAINTSCRIPT_PACKAGE": "smtp521",
+               "DPKG_MAINTSCRIPT_NAME": name}
+        p = self.sh(f"{self.package.control}/{name} " + " ".join(args), env)
+        assert p.returncode == 0, (name, args, p.stdout, p.stderr)
+        return p
+
+    def state(self):
+        active = self.sd.ctl("is-active", "smtp521.socket", check=False).stdout.strip()
+        enabled = self.sd.ctl("is-enabled", "smtp521.socket", check=False).stdout.strip()
+        return active, enabled
+
+    def close(self):
+        self.sd.stop()
+        shutil.rmtree(self.dir)
+
+
+def wait_state(ns, want, timeout=30):
+    deadline = time.monotonic() + timeout
+    while ns.state() != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return ns.state()
+
+
+def test_install_upgrade_remove_purge_under_systemd(package):
+    # What dpkg runs, in order, against a real systemd: install enables
+    # and starts the socket; an upgrade restarts it while a session is held
+    # open, and the session goes on to its end; remove stops and disables it;
+    # purge leaves no symlink behind.
+    need_root()
+    need("unshare", "nsenter", "deb-systemd-helper", "deb-systemd-invoke")
+    port = free_port()
+    ns = Namespace(package, str(port))
+    v = package.version
+    name = socket.gethostname().encode()
+    try:
+        ns.unpack()
+        ns.script("postinst", "configure")
+        assert wait_state(ns, ("active", "enabled")) == ("active", "enabled")
+        out, _ = talk(port, SESSION_IN, timeout=30)
+        assert out == expected(name), out
+
+        held, got = start_session(port)
+        before = ns.sd.ctl("show", "-p", "InvocationID", "--value", "smtp521.socket").stdout.strip()
+        ns.script("prerm", "upgrade", v)
+        ns.unpack()
+        ns.script("postrm", "upgrade", v)
+        ns.script("postinst", "configure", v)
+        after = ns.sd.ctl("show", "-p", "InvocationID", "--value", "smtp521.socket").stdout.strip()
+        assert before and after and before != after, "the upgrade did not restart the socket"
+        assert finish_session(held, got) == expected(name), "the upgrade cut off a running session"
+        assert ns.state() == ("active", "enabled")
+        out, _ = talk(port, SESSION_IN, timeout=30)
+        assert out == expected(name), out
+
+        ns.script("prerm", "remove")
+        ns.delete()
+        ns.script("postrm", "remove")
+        active, enabled = ns.state()
+        assert active == "inactive" and enabled != "enabled", (active, enabled)
+        with pytest.raises(OSError):
+            talk(port, SESSION_IN, timeout=5)
+        ns.script("postrm", "purge")
+        left = ns.sh("find /etc/systemd/system /var/lib/systemd -name '*smtp521*'").stdout.split()
+        assert left == [], left
+    finally:
+        ns.close()
+
+
+def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
+    # Debian's exim4 holds 127.0.0.1:25; a socket on all addresses of the
+    # port cannot start.  The installation succeeds, prints what to do, and
+    # what it prints (the drop-in, with another address) works.
+    need_root()
+    need("unshare", "nsenter", "deb-systemd-helper", "deb-systemd-invoke")
+    port = free_port()
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    ns = Namespace(package, str(port))
+    try:
+        ns.unpack()
+        p = ns.script("postinst", "configure")
+        assert ns.state()[1] == "enabled" and ns.state()[0] != "active", ns.state()
+        msg = p.stderr
+        assert "could not listen on port 25" in msg and "README.Debian" in msg, msg
+        # The commands of the message, with 127.0.0.2 as the public address.
+        m = re.search(r"^ +(mkdir -p /etc/systemd/system/smtp521\.socket\.d\n.*?systemctl restart smtp521\.socket)$",
+                      msg, re.M | re.S)
+        assert m, msg
+        commands = m.group(1).replace("192.0.2.1:25", f"127.0.0.2:{port}")
+        p = ns.sh(commands)
+        assert p.returncode == 0, p.stderr
+        assert wait_state(ns, ("active", "enabled")) == ("active", "enabled")
+        out, _ = talk(port, SESSION_IN, host="127.0.0.2", timeout=30)
+        assert out == expected(socket.gethostname().encode()), out
+    finally:
+        ns.close()
+        holder.close()
