@@ -8,7 +8,7 @@ SBINDIR  ?= $(PREFIX)/sbin
 MANDIR   ?= $(PREFIX)/share/man
 DOCDIR   ?= $(PREFIX)/share/doc/smtp521
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
-PYTHON   ?= python3
+PYTHON   ?= /usr/bin/python3
 
 # The version's one home is the first line of debian/changelog,
 # "smtp521 (1.0.0) unstable; ...": sed, not dpkg-parsechangelog, so that a
