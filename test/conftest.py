@@ -73,11 +73,20 @@ def smtp521():
     return built(os.path.join(harness.ROOT, "smtp521"))
 
 
-def pytest_runtest_setup(item):
-    for mark in item.iter_markers("needs"):
-        harness.need(*mark.args)
-    if "binary" in item.fixturenames and hasattr(item, "callspec"):
-        built(item.callspec.params["binary"])
+def pytest_collection_modifyitems(config, items):
+    # What a test needs is known before it runs: mark it skipped, with the
+    # reason, at its own line.
+    for item in items:
+        for mark in item.iter_markers("needs"):
+            reasons = [harness.missing(cap) for cap in mark.args]
+            reasons = [r for r in reasons if r]
+            if reasons:
+                item.add_marker(pytest.mark.skip(reason=reasons[0]))
+        if "binary" in item.fixturenames and hasattr(item, "callspec"):
+            path = item.callspec.params["binary"]
+            if not os.access(path, os.X_OK):
+                rel = os.path.relpath(path, harness.ROOT)
+                item.add_marker(pytest.mark.skip(reason=f"{rel} is not built (make {rel})"))
 
 
 @pytest.hookimpl(hookwrapper=True)
