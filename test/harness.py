@@ -13,8 +13,6 @@ import tempfile
 import threading
 import time
 
-import pytest
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # inetd and friends live in /usr/sbin, which is not on a user's PATH.
@@ -139,6 +137,7 @@ def missing(capability):
 def need(*capabilities):
     """Skip the calling test, with the reason, unless all are available.
     (Also as a marker: @pytest.mark.needs("root", "inetd").)"""
+    import pytest  # here: interop.py uses this module outside pytest
     for cap in capabilities:
         reason = missing(cap)
         if reason:
@@ -314,8 +313,11 @@ class Output:
         self.thread.start()
 
     def _drain(self, pipe):
-        for chunk in iter(lambda: pipe.read1(65536), b""):
-            self.chunks.append(chunk)
+        try:
+            for chunk in iter(lambda: pipe.read1(65536), b""):
+                self.chunks.append(chunk)
+        except OSError:  # EIO: the last process on a pseudo-terminal is gone
+            pass
         pipe.close()
 
     def text(self, join=False):
@@ -410,9 +412,13 @@ class Systemd:
     unitdir; its console is collected and printed on stop()."""
 
     def __init__(self, unitdir, binary, timeout=20):
+        # Its console is a pseudo-terminal (test/with-systemd puts it on
+        # /dev/console, where PID 1 writes), read here.
+        master, slave = os.openpty()
         self.proc = subprocess.Popen([os.path.join(HERE, "with-systemd"), unitdir, binary],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.output = Output(self.proc.stdout)
+                                     stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        os.close(slave)
+        self.output = Output(os.fdopen(master, "rb"))
         self.pid = None
         self.stopped = False
         try:
@@ -463,6 +469,15 @@ class Systemd:
         if self.stopped:
             return
         self.stopped = True
+        if self.pid and self.proc.poll() is None:
+            # What systemd knows of failures, for the test's report.
+            for args, tool in ((["list-units", "--all", "--failed", "--plain"], "systemctl"),
+                               (["-n", "60", "-o", "short-monotonic"], "journalctl")):
+                try:
+                    p = self.ctl(*args, check=False, tool=tool)
+                    print(f"---- {tool} {' '.join(args)}:\n{p.stdout[-4000:]}{p.stderr[-1000:]}")
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    print(f"---- {tool}: {e}")
         try:
             if self.pid:
                 os.kill(self.pid, 9)  # SIGTERM would make PID 1 re-execute
