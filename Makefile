@@ -8,6 +8,8 @@ SBINDIR  ?= $(PREFIX)/sbin
 MANDIR   ?= $(PREFIX)/share/man
 DOCDIR   ?= $(PREFIX)/share/doc/smtp521
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
+# Debian's interpreter, which has python3-pytest (a python3 earlier on PATH,
+# e.g. pyenv's, may lack it).
 PYTHON   ?= /usr/bin/python3
 
 # The version's one home is the first line of debian/changelog,
@@ -74,8 +76,15 @@ fuzz: test/fuzz
 		-artifact_prefix=$$work/ $$work test/fuzz-corpus; status=$$?; \
 		echo "new inputs and any crash kept in $$work"; exit $$status
 
+# Every suite in one pytest run (see README.md, Tests); its closing line
+# `N passed, M failed, K skipped` is the last line.
 check: smtp521 smtp521-asan test/unit test/unit-asan test/sandbox test/sandbox-asan test/fuzz
-	$(PYTHON) test/run
+	$(PYTHON) -m pytest test
+
+# The quick loop: unit, session and black-box tests of the plain build; no
+# clang, no root.
+test: smtp521 test/unit test/sandbox
+	$(PYTHON) -m pytest --build plain test/test_unit.py test/test_sessions.py test/test_blackbox.py
 
 # Real senders (Postfix, Exim, OpenSMTPD, swaks, msmtp, smtplib, curl)
 # against every mode.  It installs and replaces MTAs: run it on a test
@@ -142,4 +151,4 @@ clean:
 	rm -f smtp521 smtp521-asan smtp521-dynamic test/unit test/unit-asan test/sandbox test/sandbox-asan test/fuzz test/*.o
 	rm -rf test/bench/out
 
-.PHONY: all check clean install uninstall interop readme bench fuzz deb deb-check
+.PHONY: all check test clean install uninstall interop readme bench fuzz deb deb-check

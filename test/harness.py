@@ -1,46 +1,158 @@
-"""A small test harness: tests are functions, a failed assert fails the test.
-
-Every suite module registers its tests with @test; test/run runs the suites
-and prints the totals as one line `N passed, M failed`.
-"""
+"""Shared helpers of the pytest suites (test/test_*.py; fixtures in
+test/conftest.py): the binary started as a super-server starts it, the
+loopback client, the super-servers, a private /dev/log, a private systemd,
+and the checks for what a test needs (root, namespaces, tools), each done
+once and each naming what is missing."""
+import functools
 import os
+import re
+import shutil
 import socket
 import subprocess
-import sys
+import tempfile
+import threading
 import time
-import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# inetd and friends live in /usr/sbin, which is not on a user's PATH.
+TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
 
 
-def run_tests(suite, tests, *args):
-    """Run each test; print one line a test and return (passed, failed)."""
-    passed = failed = 0
-    for fn in tests:
-        name = f"{suite}: {fn.__name__}"
-        start = time.monotonic()
-        try:
-            fn(*args)
-        except Exception:  # noqa: BLE001 -- a test's failure, whatever it is
-            failed += 1
-            print(f"FAIL {name}")
-            print("     " + traceback.format_exc().strip().replace("\n", "\n     "))
-        else:
-            passed += 1
-            print(f"ok   {name} ({time.monotonic() - start:.2f}s)")
-        sys.stdout.flush()
-    return passed, failed
+def crlf(*lines):
+    return b"".join(line.encode() + b"\r\n" for line in lines)
 
+
+def fields(log_line):
+    """key=value fields of a log line."""
+    return dict(f.split("=", 1) for f in log_line.split(" ") if "=" in f)
+
+
+GREET = b"220 mx.test ESMTP does not accept mail\r\n"
+BYE = b"221 2.0.0 mx.test closing connection\r\n"
+REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
+SESSION_IN = crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<b@mx.test>", "QUIT")
+SESSION_OUT = GREET + b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n250 2.1.0 Ok\r\n" + REFUSAL + BYE
+
+
+# ------------------------------------------------------------ what a test needs
+
+def tool(name):
+    """Absolute path of a program, looked up in PATH and the sbin directories."""
+    return shutil.which(name, path=TOOL_PATH)
+
+
+def _fails(argv):
+    """None if the command succeeds, else the last line it printed."""
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if p.returncode == 0:
+        return None
+    out = (p.stderr + p.stdout).strip().splitlines()
+    return out[-1] if out else f"exit status {p.returncode}"
+
+
+PRIVATE = os.path.join(HERE, "private-mounts")
+
+
+def _tool_reason(name, package):
+    return None if tool(name) else f"needs {name} (apt-get install {package})"
+
+
+def _root():
+    return None if os.geteuid() == 0 else "needs root"
+
+
+def _mountns():
+    if _root():
+        return "needs root for a mount namespace"
+    err = _fails(["unshare", "--mount", "--propagation", "unchanged", PRIVATE, "true"])
+    return f"needs mount namespaces: {err}" if err else None
+
+
+def _userns():
+    err = _fails(["unshare", "--user", "--map-root-user", "--mount", "--propagation", "unchanged",
+                  PRIVATE, "true"])
+    return f"needs user namespaces: {err}" if err else None
+
+
+def _devlog():
+    """A private /dev/log: a mount namespace as root, or a user namespace."""
+    if os.geteuid() == 0:
+        return _mountns()
+    err = _userns()
+    return f"needs root or user namespaces for a private /dev/log ({err})" if err else None
+
+
+def _systemd():
+    for reason in (_root(), _mountns()):
+        if reason:
+            return f"{reason} (a private systemd)"
+    if not os.path.exists("/lib/systemd/systemd"):
+        return "needs systemd (/lib/systemd/systemd)"
+    err = _fails(["unshare", "--pid", "--fork", "--mount", "--propagation", "unchanged", PRIVATE, "true"])
+    return f"needs PID namespaces: {err}" if err else None
+
+
+def _fuzz():
+    if not os.access(os.path.join(ROOT, "test", "fuzz"), os.X_OK):
+        return "needs test/fuzz, built with clang (apt-get install clang libclang-rt-14-dev; make test/fuzz)"
+    return None
+
+
+def _interop():
+    if os.environ.get("CI") != "true" and os.environ.get("SMTP521_INTEROP") != "1":
+        return "installs and replaces MTAs; set SMTP521_INTEROP=1 or run make interop"
+    if _root():
+        return "needs root (it installs MTAs)"
+    return _tool_reason("apt-get", "apt")
+
+
+CAPABILITIES = {
+    "root": _root,
+    "mountns": _mountns,
+    "userns": _userns,
+    "devlog": _devlog,
+    "systemd": _systemd,
+    "fuzz": _fuzz,
+    "interop": _interop,
+    "inetd": lambda: None if os.access("/usr/sbin/inetd", os.X_OK) else
+    "needs openbsd-inetd (/usr/sbin/inetd)",
+    "tcpserver": lambda: _tool_reason("tcpserver", "ucspi-tcp"),
+    "systemd-socket-activate": lambda: _tool_reason("systemd-socket-activate", "systemd"),
+    "systemd-analyze": lambda: _tool_reason("systemd-analyze", "systemd"),
+    "mandoc": lambda: _tool_reason("mandoc", "mandoc"),
+    "make": lambda: _tool_reason("make", "make"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def missing(capability):
+    """Why `capability` is not available here, or None if it is."""
+    return CAPABILITIES[capability]()
+
+
+def need(*capabilities):
+    """Skip the calling test, with the reason, unless all are available.
+    (Also as a marker: @pytest.mark.needs("root", "inetd").)"""
+    import pytest  # here: interop.py uses this module outside pytest
+    for cap in capabilities:
+        reason = missing(cap)
+        if reason:
+            pytest.skip(reason)
+
+
+# ------------------------------------------------------------ the binary on a socket
 
 class Child:
     """smtp521 started the way a super-server starts it, on one end of a
-    socketpair (or of an accepted TCP connection); the test holds the other."""
+    socketpair (or of an accepted TCP connection); the test holds the other.
+    Whatever a test leaves running, close_all() kills (conftest does, after
+    every test)."""
+
+    live = []
 
     def __init__(self, binary, args, sock_kind="pair", stderr_is_socket=False, env=None):
         if sock_kind == "pair":
@@ -62,6 +174,7 @@ class Child:
             close_fds=True,
         )
         server.close()
+        Child.live.append(self)
         self.rusage = None
         self.returncode = None
         self.stderr = b""
@@ -119,11 +232,282 @@ class Child:
         self.client.close()
         return self.returncode
 
+    def close(self):
+        """Kill and reap whatever is left (fixture teardown, failed tests)."""
+        if self.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+            self.returncode = self.proc.returncode
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            self.stderr = self.proc.stderr.read()
+            self.proc.stderr.close()
+        self.client.close()
 
-def fields(log_line):
-    """key=value fields of a log line."""
-    return dict(f.split("=", 1) for f in log_line.split(" ") if "=" in f)
+    @classmethod
+    def close_all(cls):
+        while cls.live:
+            cls.live.pop().close()
 
 
-def crlf(*lines):
-    return b"".join(line.encode() + b"\r\n" for line in lines)
+# ------------------------------------------------------------ loopback clients
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def talk(port, data, host="127.0.0.1", family=socket.AF_INET, timeout=10):
+    """Connect, send, read to EOF; return (reply bytes, our local port)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        local_port = s.getsockname()[1]
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                raise AssertionError(f"no EOF from {host}:{port} within {timeout}s; got {out[:300]!r}")
+            if not chunk:
+                return out, local_port
+            out += chunk
+
+
+def listening(port, family=socket.AF_INET):
+    """Whether something listens on the port: asks the kernel's table, since
+    a probe that connects would start a session."""
+    table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
+    with open(table) as f:
+        return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in f)
+
+
+def wait_listening(port, host="127.0.0.1", family=socket.AF_INET, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if listening(port, family):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {host}:{port}")
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class Output:
+    """A pipe drained by a thread, so that a chatty process never blocks on
+    it; text() is what it wrote so far."""
+
+    def __init__(self, pipe):
+        self.chunks = []
+        self.thread = threading.Thread(target=self._drain, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _drain(self, pipe):
+        try:
+            for chunk in iter(lambda: pipe.read1(65536), b""):
+                self.chunks.append(chunk)
+        except OSError:  # EIO: the last process on a pseudo-terminal is gone
+            pass
+        pipe.close()
+
+    def text(self, join=False):
+        if join:
+            self.thread.join(timeout=10)
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+
+# ------------------------------------------------------------ super-servers
+
+class Server:
+    """A super-server on a loopback port; stderr (and stdout) collected."""
+
+    def __init__(self, argv, port, family=socket.AF_INET, host="127.0.0.1"):
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.output = Output(self.proc.stdout)
+        self.err = None
+        try:
+            wait_listening(port, host, family)
+        except AssertionError:
+            err = self.stop()
+            raise AssertionError(f"{os.path.basename(argv[0])} did not listen on {host}:{port} "
+                                 f"(exit {self.proc.returncode}); it wrote:\n{err[-3000:]}")
+
+    def stop(self):
+        """Stop the server once its sessions have ended and logged; return
+        what it wrote (also printed, so that a failure shows it)."""
+        if self.err is not None:
+            return self.err
+        deadline = time.monotonic() + 5
+        while children(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            os.killpg(self.proc.pid, 15)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.err = self.output.text(join=True)
+        print(f"---- {' '.join(self.argv[:3])} ... wrote:\n{self.err[-3000:]}")
+        return self.err
+
+
+# ------------------------------------------------------------ a private /dev/log
+
+class Syslog:
+    """A private /dev/log: a datagram socket in a temporary directory, and
+    the command prefix that runs a program with it as /dev/log
+    (test/with-devlog).  Close it (the `syslog` fixture does)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="smtp521-syslog-")
+        try:
+            os.mkdir(os.path.join(self.dir, "dev"))
+            self.path = os.path.join(self.dir, "log.sock")
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.sock.bind(self.path)
+            os.chmod(self.path, 0o666)  # inetd's child runs as nobody
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self.prefix = [os.path.join(HERE, "with-devlog"), os.path.join(self.dir, "dev"), self.path]
+
+    def messages(self, want, timeout=5):
+        """At least `want` messages from smtp521 (others, e.g. inetd's, are skipped)."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < want and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                msg = self.sock.recv(8192).decode("ascii", "replace")
+            except socket.timeout:
+                break
+            if re.match(r"<\d+>\w{3} [ \d]\d \d\d:\d\d:\d\d smtp521\[\d+\]: ", msg):
+                got.append(msg)
+        return got
+
+    def close(self):
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------ a private systemd
+
+class Systemd:
+    """A private systemd (test/with-systemd) that knows only the units in
+    unitdir; its console is collected and printed on stop()."""
+
+    def __init__(self, unitdir, binary, timeout=20):
+        # Its console is a pseudo-terminal (test/with-systemd puts it on
+        # /dev/console, where PID 1 writes), read here.
+        master, slave = os.openpty()
+        self.proc = subprocess.Popen([os.path.join(HERE, "with-systemd"), unitdir, binary],
+                                     stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        os.close(slave)
+        self.output = Output(os.fdopen(master, "rb"))
+        self.pid = None
+        self.stopped = False
+        try:
+            self._boot(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _boot(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pid is None:
+            if self.proc.poll() is not None:
+                break
+            # PID 1 of the namespace: the child of unshare's fork.
+            kids = children(self.proc.pid)
+            try:
+                if kids:
+                    with open(f"/proc/{kids[0]}/cmdline", "rb") as f:
+                        if f.read().startswith(b"/lib/systemd/systemd\0"):
+                            self.pid = kids[0]
+            except OSError:
+                pass
+            time.sleep(0.05)
+        if self.pid is None:
+            raise AssertionError(f"systemd did not start (with-systemd exit {self.proc.poll()}); "
+                                 f"its console:\n{self.console()}")
+        state = "?"
+        while time.monotonic() < deadline:
+            state = self.ctl("is-system-running", check=False).stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"systemd not running: {state}; its console:\n{self.console()}")
+
+    def console(self):
+        return self.output.text()[-4000:]
+
+    def ctl(self, *args, check=True, tool="systemctl"):
+        # -r -w: the target's root and working directory, not the mount
+        # namespace's (they differ when the tests run in a chroot).
+        p = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w", tool, "--no-pager"]
+                           + list(args), capture_output=True, text=True, timeout=30)
+        if check and p.returncode:
+            raise AssertionError(f"{tool} {' '.join(args)}: exit {p.returncode}\n{p.stdout}{p.stderr}")
+        return p
+
+    def stop(self):
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.pid and self.proc.poll() is None:
+            # What systemd knows of failures, for the test's report.
+            for args, tool in ((["list-units", "--all", "--failed", "--plain"], "systemctl"),
+                               (["-n", "60", "-o", "short-monotonic"], "journalctl")):
+                try:
+                    p = self.ctl(*args, check=False, tool=tool)
+                    print(f"---- {tool} {' '.join(args)}:\n{p.stdout[-4000:]}{p.stderr[-1000:]}")
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    print(f"---- {tool}: {e}")
+        try:
+            if self.pid:
+                os.kill(self.pid, 9)  # SIGTERM would make PID 1 re-execute
+            else:
+                self.proc.kill()
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        print(f"---- systemd's console:\n{self.output.text(join=True)[-4000:]}")
+
+
+def systemd_units(port_ours, port_default):
+    """A unit directory (remove it when done): the shipped units with only
+    the port changed, and a copy of the socket with systemd's default
+    trigger limit, for comparison."""
+    d = tempfile.mkdtemp(prefix="smtp521-units-")
+    os.chmod(d, 0o755)
+    with open(os.path.join(ROOT, "smtp521.socket")) as f:
+        sock = f.read()
+    with open(os.path.join(ROOT, "smtp521@.service")) as f:
+        svc = f.read()
+    assert "\nListenStream=25\n" in sock and "\nTriggerLimitIntervalSec=0\n" in sock
+    files = {
+        "smtp521.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_ours}\n"),
+        "smtp521@.service": svc,
+        "smtp521-default.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_default}\n")
+                                      .replace("\nTriggerLimitIntervalSec=0\n", "\n"),
+        "smtp521-default@.service": svc,
+    }
+    for name, text in files.items():
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    return d

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from deploy import SESSION_IN, SESSION_OUT, Systemd, free_port, talk
+from harness import SESSION_IN, SESSION_OUT, Systemd, free_port, talk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

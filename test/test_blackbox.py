@@ -1,13 +1,13 @@
 """The real binary, started as a super-server starts it: fds 0 and 1 are one
 end of a socketpair or of an accepted loopback TCP connection."""
-import os
 import socket
 import subprocess
 import time
 
-from harness import Child, crlf, fields, test
+import pytest
 
-GREET = b"220 mx.test ESMTP does not accept mail\r\n"
+from harness import GREET, Child, crlf, fields
+
 GREET_521 = b"521 mx.test does not accept mail\r\n"
 REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
 BYE = b"221 2.0.0 mx.test closing connection\r\n"
@@ -22,8 +22,7 @@ def log_of(child):
     return fields(text.rstrip("\n"))
 
 
-@test
-def dialog_over_a_socket(binary):
+def test_dialog_over_a_socket(binary):
     c = Child(binary, ["-H", "mx.test", "-l", "stderr"])
     c.send(crlf("EHLO a", "MAIL FROM:<x@y>", "RCPT TO:<u@v>", "DATA", "QUIT"))
     out = c.read_until_eof()
@@ -33,8 +32,7 @@ def dialog_over_a_socket(binary):
     assert log["end"] == "quit" and log["commands"] == "5" and log["rcpt"] == "<u@v>", log
 
 
-@test
-def greeting_comes_before_any_input(binary):
+def test_greeting_comes_before_any_input(binary):
     c = Child(binary, ["-H", "mx.test", "-r", "greeting", "-l", "none"])
     assert c.read_lines(1) == GREET_521
     c.send(crlf("QUIT"))
@@ -42,16 +40,14 @@ def greeting_comes_before_any_input(binary):
     assert c.wait() == 0
 
 
-@test
-def early_talker_is_greeted_first(binary):
+def test_early_talker_is_greeted_first(binary):
     c = Child(binary, ["-H", "mx.test", "-l", "none"])
     c.send(crlf("EHLO early", "QUIT"))
     assert c.read_until_eof() == GREET + EHLO + BYE
     assert c.wait() == 0
 
 
-@test
-def replies_of_one_batch_come_in_one_write(binary):
+def test_replies_of_one_batch_come_in_one_write(binary):
     # R16: 20 pipelined commands sent at once; all 21 lines arrive, in order,
     # and (on a socketpair) in one read.
     c = Child(binary, ["-H", "mx.test", "-l", "none"])
@@ -66,8 +62,7 @@ def replies_of_one_batch_come_in_one_write(binary):
     assert c.wait() == 0
 
 
-@test
-def close_mode_closes_after_greeting(binary):
+def test_close_mode_closes_after_greeting(binary):
     c = Child(binary, ["-H", "mx.test", "-c", "-l", "stderr"])
     assert c.read_until_eof(timeout=3) == GREET_521
     assert c.wait() == 0
@@ -75,8 +70,7 @@ def close_mode_closes_after_greeting(binary):
     assert log_of(c)["end"] == "close"
 
 
-@test
-def silent_client_cut_at_deadline(binary):
+def test_silent_client_cut_at_deadline(binary):
     # R5: -t 1 closes within about a second of the deadline.
     c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"])
     t0 = time.monotonic()
@@ -88,8 +82,7 @@ def silent_client_cut_at_deadline(binary):
     assert log_of(c)["end"] == "timeout"
 
 
-@test
-def trickling_client_cut_at_deadline(binary):
+def test_trickling_client_cut_at_deadline(binary):
     # R5: the deadline is for the session, not for silence: one byte every
     # 200 ms does not keep it open.
     c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"])
@@ -136,8 +129,7 @@ def peak_rss_kib(binary, payload, reply):
     return hwm
 
 
-@test
-def megabyte_line_keeps_memory_bounded(binary):
+def test_megabyte_line_keeps_memory_bounded(binary):
     # R8: a 1 MiB line is answered once; peak memory is that of a plain
     # session, compared within the same binary.
     base = peak_rss_kib(binary, crlf("NOOP"), b"250 2.0.0 Ok\r\n")
@@ -145,8 +137,7 @@ def megabyte_line_keeps_memory_bounded(binary):
     assert big - base < 128, (base, big)
 
 
-@test
-def peer_closes_at_once(binary):
+def test_peer_closes_at_once(binary):
     c = Child(binary, ["-H", "mx.test", "-l", "stderr"])
     c.client.close()
     assert c.wait(timeout=5) == 0
@@ -156,8 +147,7 @@ def peer_closes_at_once(binary):
     assert end in ("eof", "read-error", "write-error"), end
 
 
-@test
-def peer_resets_mid_session(binary):
+def test_peer_resets_mid_session(binary):
     c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp")
     c.send(crlf("EHLO a", "NOOP"))
     c.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -167,8 +157,7 @@ def peer_resets_mid_session(binary):
     assert log_of(c)["end"] in ("eof", "read-error", "write-error")
 
 
-@test
-def peer_that_never_reads_is_cut_at_deadline(binary):
+def test_peer_that_never_reads_is_cut_at_deadline(binary):
     # The client floods commands and reads nothing: our writes fill the
     # socket buffer, and the deadline still ends the session.
     c = Child(binary, ["-H", "mx.test", "-t", "2", "-n", "100000", "-l", "stderr"])
@@ -185,8 +174,7 @@ def peer_that_never_reads_is_cut_at_deadline(binary):
     assert log_of(c)["end"] == "timeout"
 
 
-@test
-def closed_peer_causes_no_sigpipe(binary):
+def test_closed_peer_causes_no_sigpipe(binary):
     # Many commands, then the peer vanishes while replies are due: the
     # process must exit 0 (EPIPE handled), not die of SIGPIPE.
     c = Child(binary, ["-H", "mx.test", "-n", "100000", "-l", "stderr"])
@@ -196,8 +184,7 @@ def closed_peer_causes_no_sigpipe(binary):
     assert log_of(c)["end"] in ("write-error", "eof")
 
 
-@test
-def last_reply_survives_pipelined_data_after_quit(binary):
+def test_last_reply_survives_pipelined_data_after_quit(binary):
     # R17 over real TCP: QUIT followed at once by 200 KiB the server never
     # reads.  Without half-close and drain, the kernel resets the connection
     # and the 221 is lost.
@@ -210,20 +197,21 @@ def last_reply_survives_pipelined_data_after_quit(binary):
     assert log_of(c)["end"] == "quit"
 
 
-@test
-def http_and_tls_closed_at_once(binary):
-    for payload, end in ((b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
-                         (b"\x16\x03\x01\x00\xf1\x01\x00\x00\xed\x03\x03" + os.urandom(200), "tls")):
-        c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp")
-        c.send(payload)
-        assert c.read_until_eof(timeout=3) == GREET
-        assert c.wait() == 0
-        assert c.elapsed < 2
-        assert log_of(c)["end"] == end
+@pytest.mark.parametrize("payload, end", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
+    (b"\x16\x03\x01\x00\xf1\x01\x00\x00\xed\x03\x03" + bytes(range(200)), "tls"),
+], ids=["http", "tls"])
+def test_http_and_tls_closed_at_once(binary, payload, end):
+    c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp")
+    c.send(payload)
+    out = c.read_until_eof(timeout=3)
+    assert out == GREET, out
+    assert c.wait() == 0
+    assert c.elapsed < 2
+    assert log_of(c)["end"] == end
 
 
-@test
-def peer_address_from_getpeername(binary):
+def test_peer_address_from_getpeername(binary):
     c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp",
               env={"REMOTE_ADDR": "192.0.2.9", "REMOTE_PORT": "9"})
     port = c.client.getsockname()[1]
@@ -239,23 +227,20 @@ def run_pipe(binary, args, stdin=b"", env=None):
                           env=env if env is not None else ENV)
 
 
-@test
-def peer_address_from_environment(binary):
-    cases = [
-        ({"REMOTE_ADDR": "192.0.2.7", "REMOTE_PORT": "4242"}, "192.0.2.7:4242"),
-        ({"REMOTE_ADDR": "2001:db8::7", "REMOTE_PORT": "25"}, "[2001:db8::7]:25"),
-        ({"TCPREMOTEIP": "198.51.100.3", "TCPREMOTEPORT": "1025"}, "198.51.100.3:1025"),
-        ({"REMOTE_ADDR": "evil addr\n"}, "evil\\x20addr\\x0a"),
-        ({}, "local"),
-    ]
-    for env, peer in cases:
-        p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], crlf("QUIT"), dict(ENV, **env))
-        assert p.returncode == 0
-        assert fields(p.stderr.decode().rstrip("\n"))["peer"] == peer, (env, p.stderr)
+@pytest.mark.parametrize("env, peer", [
+    ({"REMOTE_ADDR": "192.0.2.7", "REMOTE_PORT": "4242"}, "192.0.2.7:4242"),
+    ({"REMOTE_ADDR": "2001:db8::7", "REMOTE_PORT": "25"}, "[2001:db8::7]:25"),
+    ({"TCPREMOTEIP": "198.51.100.3", "TCPREMOTEPORT": "1025"}, "198.51.100.3:1025"),
+    ({"REMOTE_ADDR": "evil addr\n"}, "evil\\x20addr\\x0a"),
+    ({}, "local"),
+], ids=["inetd-ipv4", "inetd-ipv6", "tcpserver", "escaped", "none"])
+def test_peer_address_from_environment(binary, env, peer):
+    p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], crlf("QUIT"), dict(ENV, **env))
+    assert p.returncode == 0, p
+    assert fields(p.stderr.decode().rstrip("\n"))["peer"] == peer, (env, p.stderr)
 
 
-@test
-def log_line_is_one_printable_line(binary):
+def test_log_line_is_one_printable_line(binary):
     junk = bytes(range(256)) * 4 + b"\r\n" + b"HELO " + bytes(range(1, 256)) + b"\r\nMAIL FROM:<\x00\n>\r\n"
     p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], junk)
     assert p.returncode == 0
@@ -266,8 +251,7 @@ def log_line_is_one_printable_line(binary):
     assert set(f) == {"peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"}, f
 
 
-@test
-def log_none_writes_nothing(binary):
+def test_log_none_writes_nothing(binary):
     p = run_pipe(binary, ["-H", "mx.test", "-l", "none"], crlf("QUIT"))
     assert p.returncode == 0 and p.stderr == b"" and p.stdout == GREET + BYE
 
@@ -281,28 +265,25 @@ BAD_OPTIONS = [
 ]
 
 
-@test
-def bad_options_exit_64_with_one_line(binary):
-    for args in BAD_OPTIONS:
-        p = run_pipe(binary, args, crlf("QUIT"))
-        assert p.returncode == 64, (args, p.returncode)
-        assert p.stdout == b"", (args, p.stdout)
-        err = p.stderr.decode()
-        assert err.startswith("smtp521: ") and err.count("\n") == 1, (args, err)
+@pytest.mark.parametrize("args", BAD_OPTIONS, ids=lambda a: " ".join(a)[:40])
+def test_bad_option_exits_64_with_one_line(binary, args):
+    p = run_pipe(binary, args, crlf("QUIT"))
+    assert p.returncode == 64, (args, p.returncode, p.stderr)
+    assert p.stdout == b"", (args, p.stdout)
+    err = p.stderr.decode()
+    assert err.startswith("smtp521: ") and err.count("\n") == 1, (args, err)
 
 
-@test
-def bad_options_never_reach_the_connection(binary):
+@pytest.mark.parametrize("args", [["-t", "abc"], ["--bogus"], ["-H", "two words"]], ids=" ".join)
+def test_bad_option_never_reaches_the_connection(binary, args):
     # Under inetd fd 2 is the connection too: the error must not go there.
-    for args in (["-t", "abc"], ["--bogus"], ["-H", "two words"]):
-        c = Child(binary, args, stderr_is_socket=True)
-        out = c.read_until_eof(timeout=3)
-        assert c.wait() == 64
-        assert out == b"", (args, out)
+    c = Child(binary, args, stderr_is_socket=True)
+    out = c.read_until_eof(timeout=3)
+    assert c.wait() == 64
+    assert out == b"", (args, out)
 
 
-@test
-def log_to_stderr_never_reaches_the_connection(binary):
+def test_log_to_stderr_never_reaches_the_connection(binary):
     # -l stderr when fd 2 is the connection falls back to syslog.
     c = Child(binary, ["-H", "mx.test", "-l", "stderr", "-r", "greeting"], stderr_is_socket=True)
     c.send(crlf("QUIT"))
@@ -311,8 +292,7 @@ def log_to_stderr_never_reaches_the_connection(binary):
     assert out == GREET_521 + BYE_521, out
 
 
-@test
-def help_and_version(binary):
+def test_help_and_version(binary):
     p = run_pipe(binary, ["--help"])
     assert p.returncode == 0 and p.stderr == b""
     text = p.stdout.decode()
@@ -323,15 +303,13 @@ def help_and_version(binary):
     assert p.returncode == 0 and p.stdout.startswith(b"smtp521 ") and p.stdout.count(b"\n") == 1
 
 
-@test
-def default_hostname_is_the_kernels(binary):
+def test_default_hostname_is_the_kernels(binary):
     p = run_pipe(binary, ["-l", "none"], crlf("QUIT"))
     name = socket.gethostname().encode()
     assert p.stdout == b"220 " + name + b" ESMTP does not accept mail\r\n221 2.0.0 " + name + b" closing connection\r\n"
 
 
-@test
-def long_options_work(binary):
+def test_long_options_work(binary):
     p = run_pipe(binary, ["--hostname=mx.test", "--refuse-at=greeting", "--message", "no mail here",
                           "--timeout", "5", "--max-commands", "2", "--log", "stderr"], crlf("NOOP", "NOOP", "NOOP"))
     assert p.stdout == (b"521 mx.test no mail here\r\n" * 3), p.stdout

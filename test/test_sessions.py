@@ -18,6 +18,8 @@ import re
 import shlex
 import subprocess
 
+import pytest
+
 from harness import ROOT, fields
 
 
@@ -54,20 +56,23 @@ def parse(path):
     return script
 
 
-def session_tests():
-    def make(path):
-        def check(binary):
-            s = parse(path)
-            p = subprocess.run([binary, "-l", "stderr"] + s["args"], input=s["input"],
-                               capture_output=True, timeout=20, env={"PATH": "/usr/bin:/bin"})
-            assert p.stdout == s["output"], f"output\n got  {p.stdout!r}\n want {s['output']!r}"
-            assert p.returncode == s["exit"], f"exit {p.returncode}, want {s['exit']}; stderr {p.stderr!r}"
-            if s["log"]:
-                log = p.stderr.decode("ascii").rstrip("\n")
-                assert "\n" not in log, f"one log line expected: {log!r}"
-                got = fields(log)
-                for k, v in s["log"].items():
-                    assert got.get(k) == v, f"log {k}={got.get(k)!r}, want {v!r} in {log!r}"
-        check.__name__ = os.path.basename(path)
-        return check
-    return [make(p) for p in sorted(glob.glob(os.path.join(ROOT, "test", "sessions", "*.session")))]
+SESSIONS = sorted(glob.glob(os.path.join(ROOT, "test", "sessions", "*.session")))
+
+
+@pytest.mark.parametrize("path", SESSIONS, ids=[os.path.basename(p)[:-len(".session")] for p in SESSIONS])
+def test_session(binary, path):
+    s = parse(path)
+    p = subprocess.run([binary, "-l", "stderr"] + s["args"], input=s["input"],
+                       capture_output=True, timeout=20, env={"PATH": "/usr/bin:/bin"})
+    assert p.stdout == s["output"], f"output\n got  {p.stdout!r}\n want {s['output']!r}\n stderr {p.stderr!r}"
+    assert p.returncode == s["exit"], f"exit {p.returncode}, want {s['exit']}; stderr {p.stderr!r}"
+    if s["log"]:
+        log = p.stderr.decode("ascii").rstrip("\n")
+        assert "\n" not in log, f"one log line expected: {log!r}"
+        got = fields(log)
+        for k, v in s["log"].items():
+            assert got.get(k) == v, f"log {k}={got.get(k)!r}, want {v!r} in {log!r}"
+
+
+def test_sessions_found():
+    assert SESSIONS, "no test/sessions/*.session"

@@ -3,23 +3,19 @@
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 
-from harness import crlf, fields
+import pytest
+
+from harness import Server, children, crlf, fields, free_port
 
 DEADLINE = 3  # smtp521 -t; the whole suite takes about two deadlines
 GREET = b"220 mx.test ESMTP does not accept mail\r\n"
 BYE = b"221 2.0.0 mx.test closing connection\r\n"
 FULL_OUT = GREET + b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n250 2.1.0 Ok\r\n521 5.3.2 mx.test does not accept mail\r\n" + BYE
 KINDS = {"full": 250, "silent": 150, "slowloris": 25, "flooder": 25, "resetter": 25, "halfclose": 25}
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
+pytestmark = pytest.mark.needs("systemd-socket-activate")
 
 
 def connect(port):
@@ -106,14 +102,6 @@ def client(kind, port, results):
     results.append(outcome)
 
 
-def smtp521_pids(parent):
-    try:
-        with open(f"/proc/{parent}/task/{parent}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 def vm_hwm(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -125,23 +113,13 @@ def vm_hwm(pid):
     return 0
 
 
-RUN = {}
-
-
-def run_load(binary):
+@pytest.fixture(scope="module")
+def load_run(smtp521):
     """One run of all 500 clients at once; the tests below read its results."""
-    if RUN:
-        return RUN
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    errpath = f"/tmp/smtp521-load-{os.getpid()}.err"
-    with open(errpath, "wb") as err:
-        srv = subprocess.Popen(["systemd-socket-activate", "--inetd", "-a", "-l", f"127.0.0.1:{port}",
-                                binary, "-H", "mx.test", "-t", str(DEADLINE), "-n", "100000", "-l", "stderr"],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    port = free_port()
+    srv = Server(["systemd-socket-activate", "--inetd", "-a", "-l", f"127.0.0.1:{port}",
+                  smtp521, "-H", "mx.test", "-t", str(DEADLINE), "-n", "100000", "-l", "stderr"], port)
     try:
-        time.sleep(0.5)
         results = []
         threads = [threading.Thread(target=client, args=(kind, port, results))
                    for kind, n in KINDS.items() for _ in range(n)]
@@ -150,7 +128,7 @@ def run_load(binary):
             t.start()
         peak_procs = peak_hwm = 0
         while any(t.is_alive() for t in threads) and time.monotonic() - start < DEADLINE + 15:
-            pids = smtp521_pids(srv.pid)
+            pids = children(srv.proc.pid)
             peak_procs = max(peak_procs, len(pids))
             for pid in pids[:50]:
                 peak_hwm = max(peak_hwm, vm_hwm(pid))
@@ -159,39 +137,31 @@ def run_load(binary):
             t.join(timeout=5)
         # No process outlives its deadline by more than a second.
         time.sleep(1.0)
-        leftover = smtp521_pids(srv.pid)
+        leftover = children(srv.proc.pid)
         wall = time.monotonic() - start
     finally:
-        srv.terminate()
-        srv.wait(timeout=10)
-    with open(errpath, "rb") as f:
-        err = f.read()
-    os.remove(errpath)
-    RUN.update(results=results, err=err, leftover=leftover, peak_procs=peak_procs, peak_hwm=peak_hwm, wall=wall)
-    print(f"     500 clients in {wall:.1f}s: up to {peak_procs} smtp521 processes at once, "
+        err = srv.stop().encode()
+    print(f"500 clients in {wall:.1f}s: up to {peak_procs} smtp521 processes at once, "
           f"peak VmHWM {peak_hwm} KiB a process")
-    return RUN
+    return dict(results=results, err=err, leftover=leftover, peak_procs=peak_procs, peak_hwm=peak_hwm, wall=wall)
 
 
-@test
-def every_client_got_its_replies(binary):
-    run = run_load(binary)
+def test_every_client_got_its_replies(load_run):
+    run = load_run
     bad = [r for r in run["results"] if not r["ok"]]
     assert len(run["results"]) == 500, len(run["results"])
     assert not bad, bad[:5]
 
 
-@test
-def silent_and_slow_clients_cut_at_deadline(binary):
-    run = run_load(binary)
+def test_silent_and_slow_clients_cut_at_deadline(load_run):
+    run = load_run
     for r in run["results"]:
         if r["kind"] in ("silent", "slowloris"):
             assert DEADLINE - 0.2 <= r["elapsed"] <= DEADLINE + 1.5, r
 
 
-@test
-def no_process_outlives_its_deadline(binary):
-    run = run_load(binary)
+def test_no_process_outlives_its_deadline(load_run):
+    run = load_run
     assert run["leftover"] == [], run["leftover"]
     logs = [fields(l.decode()) for l in run["err"].splitlines() if l.startswith(b"peer=")]
     assert len(logs) == 500, len(logs)
@@ -199,17 +169,15 @@ def no_process_outlives_its_deadline(binary):
         assert float(log["duration"]) <= DEADLINE + 1.0, log
 
 
-@test
-def every_exit_status_is_clean(binary):
-    run = run_load(binary)
+def test_every_exit_status_is_clean(load_run):
+    run = load_run
     codes = re.findall(rb"Child \d+ died with code (\d+)", run["err"])
     assert len(codes) == 500, len(codes)
     assert set(codes) == {b"0"}, set(codes)
 
 
-@test
-def log_lines_stay_single_and_printable(binary):
-    run = run_load(binary)
+def test_log_lines_stay_single_and_printable(load_run):
+    run = load_run
     lines = [l for l in run["err"].splitlines() if l.startswith(b"peer=")]
     ends = {}
     for line in lines:
@@ -222,8 +190,7 @@ def log_lines_stay_single_and_printable(binary):
     assert ends.get("quit", 0) >= 275 and ends.get("timeout", 0) >= 175, ends
 
 
-@test
-def peak_memory_per_process(binary):
-    run = run_load(binary)
+def test_peak_memory_per_process(load_run):
+    run = load_run
     # A report with a generous ceiling: make bench measures it properly.
     assert 0 < run["peak_hwm"] < 4096, run["peak_hwm"]
