@@ -56,7 +56,9 @@ def builds(config):
 
 
 def pytest_generate_tests(metafunc):
-    if "binary" in metafunc.fixturenames:
+    # A module with a `binary` fixture of its own (a private systemd's
+    # test runs the plain build only) keeps it.
+    if "binary" in metafunc.fixturenames and not hasattr(metafunc.module, "binary"):
         names = builds(metafunc.config)
         metafunc.parametrize("binary", [os.path.join(harness.ROOT, BUILDS[n]) for n in names], ids=names)
 
@@ -82,7 +84,7 @@ def pytest_collection_modifyitems(config, items):
             reasons = [r for r in reasons if r]
             if reasons:
                 item.add_marker(pytest.mark.skip(reason=reasons[0]))
-        if "binary" in item.fixturenames and hasattr(item, "callspec"):
+        if hasattr(item, "callspec") and "binary" in item.callspec.params:
             path = item.callspec.params["binary"]
             if not os.access(path, os.X_OK):
                 rel = os.path.relpath(path, harness.ROOT)

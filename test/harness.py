@@ -511,3 +511,17 @@ def systemd_units(port_ours, port_default):
         with open(os.path.join(d, name), "w") as f:
             f.write(text)
     return d
+
+
+def default_name():
+    """The name smtp521 greets with when -H is not given, found as it finds
+    it: the first word of /etc/mailname (an MTA's install writes one), else
+    the kernel's host name."""
+    try:
+        with open("/etc/mailname", "rb") as f:
+            words = f.readline().split()
+        if len(words) == 1 and all(0x20 < c < 0x7f for c in words[0]) and len(words[0]) <= 255:
+            return words[0]
+    except OSError:
+        pass
+    return socket.gethostname().encode()

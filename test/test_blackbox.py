@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import GREET, Child, crlf, fields
+from harness import GREET, Child, crlf, default_name, fields
 
 GREET_521 = b"521 mx.test does not accept mail\r\n"
 REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
@@ -303,9 +303,9 @@ def test_help_and_version(binary):
     assert p.returncode == 0 and p.stdout.startswith(b"smtp521 ") and p.stdout.count(b"\n") == 1
 
 
-def test_default_hostname_is_the_kernels(binary):
+def test_default_hostname_is_the_mailname_or_the_kernels(binary):
     p = run_pipe(binary, ["-l", "none"], crlf("QUIT"))
-    name = socket.gethostname().encode()
+    name = default_name()
     assert p.stdout == b"220 " + name + b" ESMTP does not accept mail\r\n221 2.0.0 " + name + b" closing connection\r\n"
 
 

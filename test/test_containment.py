@@ -20,10 +20,10 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Systemd, free_port, talk, SESSION_IN, SESSION_OUT  # noqa: E402
+from harness import Systemd, default_name, free_port, talk, SESSION_IN, SESSION_OUT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAME = socket.gethostname().encode()
+NAME = default_name()
 OUT = SESSION_OUT.replace(b"mx.test", NAME)
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import (BYE, GREET, ROOT, SESSION_IN, SESSION_OUT, crlf, fields, free_port, systemd_units, talk,
+from harness import (BYE, GREET, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, free_port, systemd_units, talk,
                      wait_listening)
 
 
@@ -247,8 +247,8 @@ def burst(port, count):
             out, _ = talk(port, crlf("QUIT"), timeout=3)
         except (OSError, AssertionError):
             continue
-        greeted += out == GREET.replace(b"mx.test", socket.gethostname().encode()) + \
-            BYE.replace(b"mx.test", socket.gethostname().encode())
+        greeted += out == GREET.replace(b"mx.test", default_name()) + \
+            BYE.replace(b"mx.test", default_name())
     return greeted
 
 
@@ -333,7 +333,7 @@ def session_works(port, timeout=10):
     while time.monotonic() < deadline:
         try:
             out, _ = talk(port, SESSION_IN, timeout=5)
-            name = socket.gethostname().encode()
+            name = default_name()
             if out == SESSION_OUT.replace(b"mx.test", name):
                 return True
         except (OSError, AssertionError):
@@ -356,7 +356,7 @@ def test_under_real_systemd_accept_yes(systemd):
         sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket",
                "smtp521-default.socket")
         out, local = talk(port_ours, SESSION_IN)
-        name = socket.gethostname().encode()
+        name = default_name()
         assert out == SESSION_OUT.replace(b"mx.test", name), out
         time.sleep(0.5)
         entries = sd.ctl("-t", "smtp521", "-o", "json", tool="journalctl").stdout.splitlines()

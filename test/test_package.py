@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import SESSION_IN, SESSION_OUT, Systemd, free_port, talk
+from harness import SESSION_IN, SESSION_OUT, Systemd, default_name, free_port, talk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -285,7 +285,7 @@ def test_units_from_the_package_serve_a_session(package):
     sd = Systemd(units, package.path("usr/sbin/smtp521"))
     try:
         sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket")
-        name = socket.gethostname().encode()
+        name = default_name()
         c, got = start_session(port)
         instances = sd.ctl("list-units", "--plain", "--no-legend", "smtp521@*").stdout.split()
         slice_ = sd.ctl("show", "-p", "Slice", "--value", instances[0]).stdout.strip()
@@ -374,7 +374,7 @@ def test_install_upgrade_remove_purge_under_systemd(package):
     port = free_port()
     ns = Namespace(package, str(port))
     v = package.version
-    name = socket.gethostname().encode()
+    name = default_name()
     try:
         ns.unpack()
         ns.script("postinst", "configure")
@@ -436,7 +436,7 @@ def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
         assert p.returncode == 0, p.stderr
         assert wait_state(ns, ("active", "enabled")) == ("active", "enabled")
         out, _ = talk(port, SESSION_IN, host="127.0.0.2", timeout=30)
-        assert out == expected(socket.gethostname().encode()), out
+        assert out == expected(default_name()), out
     finally:
         ns.close()
         holder.close()
