@@ -368,7 +368,7 @@ def test_environment_file_sets_options(boot):
     # (a usage error, exit 64).
     sd.write("/etc/default/smtp521", "SMTP521_OPTS=\"-H envfile.test -m 'no mail here'\"\n")
     out, _ = talk(port, b"QUIT\r\n")
-    assert out == b"220 envfile.test ESMTP no mail here\r\n221 envfile.test closing connection\r\n", out
+    assert out == b"220 envfile.test ESMTP no mail here\r\n221 2.0.0 envfile.test closing connection\r\n", out
     sd.write("/etc/default/smtp521", 'SMTP521_OPTS="-m no mail here"\n')
     assert refused(port)
     failed = sd.failed("smtp521@*")
@@ -394,7 +394,7 @@ def test_environment_file_sets_options(boot):
     sd.ctl("reset-failed")
     sd.ctl("start", "smtp521.socket")
     out, _ = talk(port, b"QUIT\r\n")
-    assert out == b"220 dropin.test ESMTP takes no mail\r\n221 dropin.test closing connection\r\n", out
+    assert out == b"220 dropin.test ESMTP takes no mail\r\n221 2.0.0 dropin.test closing connection\r\n", out
     assert sd.state("smtp521.socket") == "active"
 
 

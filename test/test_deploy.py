@@ -119,6 +119,7 @@ def test_install_and_uninstall_with_destdir(smtp521, tmp_path):
         want = {"opt/s5/sbin/smtp521": 0o755, "opt/s5/share/man/man8/smtp521.8": 0o644,
                 "opt/s5/lib/systemd/system/smtp521.socket": 0o644,
                 "opt/s5/lib/systemd/system/smtp521@.service": 0o644,
+                "opt/s5/lib/systemd/system/smtp521.slice": 0o644,
                 "opt/s5/share/doc/smtp521/inetd.conf.example": 0o644,
                 "opt/s5/share/doc/smtp521/README.md": 0o644}
         found = {os.path.relpath(os.path.join(d, f), dest) for d, _, fs in os.walk(dest) for f in fs}
@@ -220,6 +221,7 @@ def test_under_openbsd_inetd(inetd_sessions):
         assert prio == LOG_MAIL_INFO, msg
         f = fields(text)
         assert f["end"] == "quit" and f["helo"] == "client.example" and f["rcpts"] == "1", f
+        assert f["sandbox"] == "on", f
         peers.add(f["peer"])
     assert peers == {f"127.0.0.1:{local4}", f"[::1]:{local6}"}, peers
 
@@ -281,6 +283,7 @@ def test_under_tcpserver(smtp521, server):
     assert out == SESSION_OUT, out
     logs = log_lines(err)
     assert len(logs) == 1 and logs[0]["peer"] == f"127.0.0.1:{local}" and logs[0]["end"] == "quit", err
+    assert logs[0]["sandbox"] == "on", err
 
 
 def test_syslog_line_field_by_field(smtp521, syslog):
@@ -298,11 +301,12 @@ def test_syslog_line_field_by_field(smtp521, syslog):
     prio, pid, text = parse_syslog(msgs[0])
     assert prio == LOG_MAIL_INFO
     f = fields(text)
-    assert list(f) == ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts"], f
+    assert list(f) == ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"], f
     assert f["peer"] == "192.0.2.4:2525" and f["end"] == "quit" and f["commands"] == "5"
     assert re.fullmatch(r"\d+\.\d{3}", f["duration"]) and float(f["duration"]) < 5
     assert f["helo"] == "c.example" and f["mail"] == "<a@c.example>"
     assert f["rcpt"] == "<x@mx.test>,<y@mx.test>" and f["rcpts"] == "2"
+    assert f["sandbox"] == "on"  # confined, and syslog(3) still works
     assert bad.returncode == 64 and bad.stdout == b"", bad
     assert len(errs) == 1 and parse_syslog(errs[0])[0] == LOG_MAIL_ERR and "--log 'file'" in errs[0], errs
 
@@ -367,6 +371,7 @@ def test_under_real_systemd_accept_yes(systemd):
         assert int(e["_UID"]) >= 61184, e  # DynamicUser's range
         f = fields(e["MESSAGE"])
         assert f["peer"] == f"127.0.0.1:{local}" and f["end"] == "quit" and f["rcpt"] == "<b@mx.test>", f
+        assert f["sandbox"] == "on", f  # inside the unit's own sandbox too
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
