@@ -62,10 +62,12 @@ def package_states():
 
 
 def apt(verb, *packages):
-    """apt-get VERB, waiting up to 10 minutes for another run's dpkg lock."""
+    """apt-get VERB, waiting up to 10 minutes for another run's dpkg lock;
+    what is installed already stays at its version (--no-upgrade), so that
+    it can be left as it was."""
     before = package_states()
-    p = run(["apt-get", verb, "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600"]
-            + list(packages), timeout=1500)
+    p = run(["apt-get", verb, "-y", "-q", "--no-install-recommends", "--no-upgrade",
+             "-o", "DPkg::Lock::Timeout=600"] + list(packages), timeout=1500)
     after = package_states()
     touched.update(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
     if p.returncode != 0:
@@ -104,6 +106,9 @@ SHARED = ["/usr/sbin/sendmail", "/usr/lib/sendmail", "/usr/bin/mailq", "/usr/bin
           "/usr/sbin/newaliases", "/usr/sbin/runq", "/usr/bin/rmail", "/etc/aliases", "/etc/mailname",
           "/var/mail", "/var/spool/mail"]
 CREATED = ["/etc/aliases", "/etc/aliases.db", "/etc/mailname"]
+# sendmail's postinst makes TLS certificates and links them here; its purge
+# leaves the links.
+CERTS = "/etc/ssl/certs"
 # Each MTA's setgid/setuid files and spool directories, as Debian 12 ships
 # them (in the package, or by dpkg-statoverride in its postinst).
 PRIVILEGED = {
@@ -111,7 +116,7 @@ PRIVILEGED = {
                 "/var/spool/postfix/maildrop": "1730 postfix:postdrop",
                 "/var/spool/postfix/public": "2710 postfix:postdrop"},
     "Exim": {"/usr/sbin/exim4": "4755 root:root"},
-    "OpenSMTPD": {"/usr/sbin/smtpctl": "2555 root:opensmtpq"},
+    "OpenSMTPD": {"/usr/sbin/smtpctl": "2755 root:opensmtpq"},
     "sendmail": {"/usr/libexec/sendmail/sendmail": "2755 root:smmsp",
                  "/usr/libexec/sendmail/mailstats": "2755 root:smmsp",
                  "/var/spool/mqueue": "2750 smmta:smmsp", "/var/spool/mqueue-client": "2770 smmsp:smmsp"},
@@ -144,8 +149,15 @@ def mail_files():
     return state
 
 
+def accounts():
+    """The system users and groups (ids 100-999): MTAs add their own, and
+    not every purge removes them."""
+    return ({u.pw_name for u in pwd.getpwall() if 100 <= u.pw_uid < 1000},
+            {g.gr_name for g in grp.getgrall() if 100 <= g.gr_gid < 1000})
+
+
 def backup_created():
-    saved = {}
+    saved = {CERTS: set(os.listdir(CERTS)) if os.path.isdir(CERTS) else set(), "accounts": accounts()}
     for path in CREATED:
         try:
             st = os.lstat(path)
@@ -157,6 +169,18 @@ def backup_created():
 
 
 def restore_created(saved):
+    saved = dict(saved)
+    certs = saved.pop(CERTS)
+    for name in set(os.listdir(CERTS)) - certs if os.path.isdir(CERTS) else set():
+        link = os.path.join(CERTS, name)
+        if os.path.islink(link) and not os.path.exists(link):
+            os.remove(link)
+    users, groups = saved.pop("accounts")
+    now_users = accounts()[0]
+    for user in sorted(now_users - users):
+        run(["userdel", user])
+    for group in sorted(accounts()[1] - groups):
+        run(["groupdel", group])
     for path, was in saved.items():
         if was is None:
             if os.path.lexists(path):
@@ -190,22 +214,27 @@ def put_back(packages, files, created):
     """Purge what the suite installed, reinstall what it displaced, restore
     the files the maintainer scripts created; then compare with the start."""
     absent = ("not-installed", "")
-    now = package_states()
-    purge = sorted(p for p in touched if packages.get(p, absent)[0] == "not-installed" and
-                   now.get(p, absent)[0] != "not-installed")
-    if purge:
-        apt("purge", *purge)
-    now = package_states()
-    remove = sorted(p for p in touched if packages.get(p, absent)[0] == "config-files" and
-                    now.get(p, absent)[0] == "installed")
-    if remove:
-        apt("remove", *remove)
-    now = package_states()
-    reinstall = sorted(f"{p}={packages[p][1]}" for p in touched if packages.get(p, absent)[0] == "installed"
-                       and now.get(p) != packages[p])
-    if reinstall:
-        apt("install", *reinstall)
-    restore_created(created)
+    done = {}
+    steps = [
+        ("purge", lambda now: [p for p in touched if packages.get(p, absent)[0] == "not-installed" and
+                               now.get(p, absent)[0] != "not-installed"]),
+        ("remove", lambda now: [p for p in touched if packages.get(p, absent)[0] == "config-files" and
+                                now.get(p, absent)[0] == "installed"]),
+        ("install", lambda now: [f"{p}={packages[p][1]}" for p in touched
+                                 if packages.get(p, absent)[0] == "installed" and now.get(p) != packages[p]]),
+    ]
+    for verb, which in steps:
+        names = sorted(which(package_states()))
+        done[verb] = len(names)
+        try:
+            if names:
+                apt(verb, *names)
+        except Exception as e:  # noqa: BLE001 -- the next step and the checks still run
+            checks.append((f"machine put back: apt-get {verb}", False, repr(e)))
+    try:
+        restore_created(created)
+    except Exception as e:  # noqa: BLE001
+        checks.append(("machine put back: files and accounts", False, repr(e)))
     now = package_states()
     changed = {p: (packages.get(p, absent), now.get(p, absent)) for p in touched
                if packages.get(p, absent)[0] != now.get(p, absent)[0] or
@@ -215,7 +244,13 @@ def put_back(packages, files, created):
     diff = {k: (files[k], after[k]) for k in files if files[k] != after[k]}
     checks.append(("machine put back: MTA files, stat overrides and alternatives as they were",
                    not diff, diff))
-    print(f"     put back: purged {len(purge)}, removed {len(remove)}, reinstalled {len(reinstall)} packages")
+    left = {k: v for k, v in backup_created().items() if k in CREATED and v != created[k]}
+    if accounts() != created["accounts"]:
+        left["accounts"] = accounts()
+    checks.append(("machine put back: /etc/aliases, /etc/mailname, system accounts as they were",
+                   not left, left))
+    print(f"     put back: purged {done['purge']}, removed {done['remove']}, "
+          f"reinstalled {done['install']} packages")
 
 
 # ------------------------------------------------------------ the servers
