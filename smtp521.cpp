@@ -837,7 +837,7 @@ void prepare_backstop(const Session& s, Millis elapsed, const Peer& peer) {
 // stderr and syslog (test/test_sandbox.py keeps it so):
 constexpr int allowed_syscalls[] = {
     SYS_read, SYS_recvfrom,             // client input; the drain before close
-    SYS_write, SYS_sendto,              // replies; the log line (stderr, syslog)
+    SYS_write, SYS_sendto,              // replies; the log line (stderr, syslog, backstop)
 #ifdef SYS_poll
     SYS_poll,                           // waiting against the deadline
 #endif
@@ -849,21 +849,17 @@ constexpr int allowed_syscalls[] = {
     SYS_exit_group, SYS_exit,
 };
 
-#if defined(__SANITIZE_ADDRESS__)
 // The AddressSanitizer build of make check also needs these to report an
 // error from inside the sandbox: its report buffers (mmap, never
 // executable), its signal stack, its thread id, and the binary's name for
-// the stack trace.  The shipped build has none of them.
-constexpr int sanitizer_syscalls[] = {SYS_munmap, SYS_madvise, SYS_sigaltstack, SYS_gettid, SYS_readlink};
-#else
-constexpr int sanitizer_syscalls[] = {SYS_exit};  // (a repeat: no new call)
-#endif
-constexpr bool sanitized_mmap =
+// the stack trace.  The shipped build allows none of them.
+constexpr bool sanitized =
 #if defined(__SANITIZE_ADDRESS__)
     true;
 #else
     false;
 #endif
+constexpr int sanitizer_syscalls[] = {SYS_munmap, SYS_madvise, SYS_sigaltstack, SYS_gettid, SYS_readlink};
 
 #if defined(__x86_64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_X86_64;
@@ -915,8 +911,8 @@ bool confine() {
         emit(BPF_STMT(BPF_RET | BPF_K, allow));
     };
     for (int nr : allowed_syscalls) allow_call(nr);
-    for (int nr : sanitizer_syscalls) allow_call(nr);
-    if (sanitized_mmap) {
+    if (sanitized) {
+        for (int nr : sanitizer_syscalls) allow_call(nr);
         // mmap without PROT_EXEC (its third argument; the low word on a
         // little-endian machine).
         emit(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mmap, 0, 4));
