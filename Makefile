@@ -94,9 +94,17 @@ interop: smtp521
 	cd test && $(PYTHON) interop.py
 
 # Per-session time and memory as ratios to a static C floor measured in
-# the same run, and to rblsmtpd.  A report, not a test.
+# the same run, and to rblsmtpd (BENCH=programs); CPU per connection of
+# each sandbox option of smtp521@.service under a private systemd, as
+# ratios to the unit without a sandbox (BENCH=units, root).  Reports, not
+# tests.
+BENCH ?= programs units
 bench:
-	$(PYTHON) test/bench/bench.py
+	@for b in $(BENCH); do case $$b in \
+		programs) $(PYTHON) test/bench/bench.py || exit 1;; \
+		units) $(PYTHON) test/bench/units.py || exit 1;; \
+		*) echo "BENCH: unknown $$b (programs, units)"; exit 64;; \
+	esac; done
 
 readme: test/interop-table.md
 	$(PYTHON) test/splice-readme README.md test/interop-table.md
