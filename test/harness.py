@@ -459,7 +459,9 @@ class Systemd:
     def ctl(self, *args, check=True, tool="systemctl"):
         # -r -w: the target's root and working directory, not the mount
         # namespace's (they differ when the tests run in a chroot).
-        p = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w", tool, "--no-pager"]
+        # systemd's tools take --no-pager; others (cat, readlink) run as given.
+        pager = ["--no-pager"] if tool.startswith(("systemctl", "systemd-", "journalctl")) else []
+        p = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w", tool] + pager
                            + list(args), capture_output=True, text=True, timeout=30)
         if check and p.returncode:
             raise AssertionError(f"{tool} {' '.join(args)}: exit {p.returncode}\n{p.stdout}{p.stderr}")

@@ -179,8 +179,8 @@ def test_serves_with_user_namespaces_blocked(boot, no_userns, journald):
     # default), the shipped unit serves; a copy with PrivateUsers=yes, the
     # unit as it was, fails every instance while its socket stays active.
     port, old = free_port(), free_port()
-    unitdir = units(port, [("old", old, lambda s: s.replace("\nDynamicUser=yes\n",
-                                                            "\nDynamicUser=yes\nPrivateUsers=yes\n"))])
+    unitdir = units(port, [("old", old, lambda s: s.replace("\nNoNewPrivileges=yes\n",
+                                                            "\nNoNewPrivileges=yes\nPrivateUsers=yes\n"))])
     sd = boot(unitdir, no_userns)
     if journald:
         sd.ctl("start", "systemd-journald.socket", "systemd-journald.service")
