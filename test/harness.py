@@ -295,6 +295,48 @@ def wait_listening(port, host="127.0.0.1", family=socket.AF_INET, timeout=10):
     raise AssertionError(f"nothing listens on {host}:{port}")
 
 
+def cgroup_mounts():
+    """(cgroup2 mount point, name=systemd v1 mount point or None)."""
+    v2 = named = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fstype, opts = line.split()[:4]
+            if fstype == "cgroup2" and v2 is None:
+                v2 = mnt
+            elif fstype == "cgroup" and "name=systemd" in opts.split(","):
+                named = mnt
+    return v2, named
+
+
+def cgroup_dirs():
+    """Every cgroup directory of every mounted hierarchy."""
+    tops = set()
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fstype = line.split()[:3]
+            if fstype in ("cgroup", "cgroup2"):
+                tops.add(mnt)
+    return {d for top in tops for d, _, _ in os.walk(top)}
+
+
+def remove_new_cgroups(before, timeout=5):
+    """Remove the cgroups made since `before` (cgroup_dirs()), deepest
+    first, once the processes in them are gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = False
+        for d in sorted(cgroup_dirs() - before, key=lambda d: -d.count("/")):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                busy = True
+        if not busy or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
 def children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -414,6 +456,9 @@ class Systemd:
     def __init__(self, unitdir, binary, timeout=20):
         # Its console is a pseudo-terminal (test/with-systemd puts it on
         # /dev/console, where PID 1 writes), read here.
+        # It shares the host's cgroup hierarchies, and is killed rather
+        # than shut down: stop() removes the cgroups it made.
+        self.cgroups_before = cgroup_dirs()
         master, slave = os.openpty()
         self.proc = subprocess.Popen([os.path.join(HERE, "with-systemd"), unitdir, binary],
                                      stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
@@ -467,6 +512,26 @@ class Systemd:
             raise AssertionError(f"{tool} {' '.join(args)}: exit {p.returncode}\n{p.stdout}{p.stderr}")
         return p
 
+    def cpu_usec(self, unit):
+        """CPU microseconds used so far by `unit`'s cgroup (cgroup v2
+        cpu.stat, which counts without CPUAccounting=; 0 before the unit
+        has a cgroup), or None without a cgroup2 hierarchy."""
+        v2, _ = cgroup_mounts()
+        group = self.ctl("show", "-p", "ControlGroup", "--value", unit).stdout.strip()
+        with open(f"/proc/{self.pid}/cgroup") as f:
+            root = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+        if v2 is None or root is None:
+            return None
+        if not group:
+            return 0  # no cgroup yet: nothing used
+        # The private systemd's units hang below the cgroup it started in.
+        root = re.sub(r"/init\.scope$", "", root).rstrip("/")
+        try:
+            with open(f"{v2}{root}{group}/cpu.stat") as f:
+                return next(int(v) for k, v in (line.split() for line in f) if k == "usage_usec")
+        except (OSError, StopIteration):
+            return None
+
     def stop(self):
         if self.stopped:
             return
@@ -488,6 +553,7 @@ class Systemd:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=10)
+        remove_new_cgroups(self.cgroups_before)
         print(f"---- systemd's console:\n{self.output.text(join=True)[-4000:]}")
 
 

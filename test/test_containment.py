@@ -66,9 +66,12 @@ def read(name):
 SLICE = f"smtp521t{os.getpid()}.slice"
 # The least share of its idle throughput that a CPU-bound process outside
 # the slice must keep while a flood runs through it.  Measured on 2 shared
-# CPUs: 62-93% with the slice, 25-56% without (the man page, DEPLOYMENT);
-# the margin is for a busier or smaller CI machine.
-KEPT = 0.45
+# CPUs in twelve runs: 42-62% with the slice, 35-50% without (the man
+# page, DEPLOYMENT).  What the slice itself grants is asserted exactly,
+# against CPUQuota=; the rest of the loss is outside any slice (PID 1, the
+# kernel, the flood's own client), so the margin here is for a busier or
+# smaller CI machine.
+KEPT = 0.30
 
 
 def units(port, variants=None):
@@ -138,22 +141,6 @@ def boot(binary):
     for sd, unitdir in booted:
         sd.stop()
         shutil.rmtree(unitdir, ignore_errors=True)
-    remove_cgroups()
-
-
-def remove_cgroups():
-    """The private systemd is killed, so it leaves its (empty) cgroups
-    behind in the host's hierarchies; remove ours, deepest first."""
-    for top in os.listdir("/sys/fs/cgroup"):
-        base = os.path.join("/sys/fs/cgroup", top)
-        for name in (SLICE, "system.slice/system-smtp521\\x2dopen.slice",
-                     "system.slice/system-smtp521\\x2dold.slice", "system.slice/system-smtp521\\x2dall.slice"):
-            path = os.path.join(base, name)
-            for d, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count("/")):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
 
 
 def refused(port):
@@ -308,6 +295,16 @@ def memory(sd, unit):
     return int(sd.ctl("show", "-p", "MemoryCurrent", "--value", unit).stdout.strip())
 
 
+def cpu(sd, unit):
+    """CPU seconds used so far by `unit` (its cgroup), and by the private
+    systemd's PID 1, whose work per connection no slice holds."""
+    used = sd.cpu_usec(unit)
+    with open(f"/proc/{sd.pid}/stat") as f:
+        ticks = f.read().rsplit(")", 1)[1].split()
+    pid1 = (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+    return (float("nan") if used is None else used / 1e6), pid1
+
+
 def test_slice_keeps_host_cpu_under_flood(boot):
     # The same flood twice: through the shipped units, and through a copy
     # of them without Slice= (so in system.slice, unlimited).  Meanwhile a
@@ -324,7 +321,7 @@ def test_slice_keeps_host_cpu_under_flood(boot):
     idles, kept = [idle()], {}
     for name, p, unit in (("slice", port, SLICE), ("no slice", open_port, "system-smtp521\\x2dopen.slice")):
         loop = asyncio.new_event_loop()
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu(sd, unit)
         try:
             task = loop.create_task(flood(p, seconds, workers, holders, lambda: memory(sd, unit)))
             loop.run_until_complete(asyncio.sleep(1))
@@ -333,17 +330,26 @@ def test_slice_keeps_host_cpu_under_flood(boot):
             rate = during()
             tally, mem = loop.run_until_complete(task)
             took = time.monotonic() - started
+            used = [b - a for a, b in zip(cpu_before, cpu(sd, unit))]
         finally:
             loop.close()
         idles.append(idle())
         kept[name] = rate / max(idles[-2:])
         print(f"\n{name}: probe {rate:.0f}/s, {100 * kept[name]:.0f}% of idle {max(idles[-2:]):.0f}/s;"
-              f" connections {tally} in {took:.1f} s; {mem / holders / 1024:.0f} KiB a held session")
+              f" connections {tally} in {took:.1f} s; {mem / holders / 1024:.0f} KiB a held session;"
+              f" CPU a session: {1000 * used[0] / tally['whole']:.1f} ms in {unit},"
+              f" {1000 * used[1] / tally['whole']:.1f} ms in PID 1")
         assert tally["cut"] == 0 and tally["not connected"] == 0 and tally["whole"] > holders, tally
         assert sd.state("smtp521.socket") == "active" and sd.state("smtp521-open.socket") == "active"
         if name == "slice":
             # 512 held sessions (MaxConnections=) fit in MemoryMax=.
             assert mem / holders * 512 < int(limits["MemoryMax"]), (mem, limits)
+            # The sessions together used no more CPU than CPUQuota= grants
+            # (the kernel enforces it per 100 ms period; 10% for the edges).
+            assert used[0] == used[0], "no cgroup v2 cpu.stat for the slice"
+            quota = int(limits["CPUQuotaPerSecUSec"].removesuffix("ms")) / 1000
+            print(f"slice used {used[0]:.2f} s of CPU in {took:.1f} s, quota {quota * took:.2f} s")
+            assert used[0] <= quota * took * 1.1, (used, quota, took)
     print(f"slice {limits}; idle probe runs {[round(i) for i in idles]}")
     assert sd.failed() == [], sd.failed()
     assert kept["slice"] >= KEPT, kept

@@ -35,6 +35,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # test/
+from harness import cgroup_mounts  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(ROOT, "test", "bench", "out")
@@ -122,19 +125,6 @@ def log(*args):
 
 
 # ------------------------------------------------------------ cgroups
-
-def cgroup_mounts():
-    """(cgroup2 mount point, name=systemd v1 mount point or None)."""
-    v2 = named = None
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, mnt, fstype, opts = line.split()[:4]
-            if fstype == "cgroup2" and v2 is None:
-                v2 = mnt
-            elif fstype == "cgroup" and "name=systemd" in opts.split(","):
-                named = mnt
-    return v2, named
-
 
 class Cgroup:
     """A cgroup of our own in the cgroup2 hierarchy (and, where systemd
