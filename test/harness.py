@@ -23,6 +23,11 @@ def crlf(*lines):
     return b"".join(line.encode() + b"\r\n" for line in lines)
 
 
+# The log line's fields, in the order smtp521 writes them and smtp521(8),
+# LOGGING, documents them; those who parse the log rely on it.
+LOG_FIELDS = ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"]
+
+
 def fields(log_line):
     """key=value fields of a log line."""
     return dict(f.split("=", 1) for f in log_line.split(" ") if "=" in f)

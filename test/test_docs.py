@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from harness import LOG_FIELDS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,6 +57,19 @@ def test_man_page_documents_every_end_reason():
     for name in names:
         if name != "none":
             assert re.search(rf"^\.Cm {re.escape(name)}\b", man, re.M), name
+
+
+def test_man_page_documents_the_log_fields_in_their_order():
+    man = read("man", "smtp521.8")
+    logging = man[man.index("\n.Sh LOGGING\n"):man.index("\n.Sh ENVIRONMENT\n")]
+    documented = [f for f in re.findall(r"^\.It Cm ([\w-]+)$", logging, re.M) if f in LOG_FIELDS]
+    assert documented == LOG_FIELDS, documented
+    # and the source writes them in that order
+    source = read("smtp521.cpp")
+    body = source[source.index("void format_log("):]
+    body = body[:body.index("\n}\n")]
+    written = list(dict.fromkeys(re.findall(r'" ?([a-z]+)=', body)))
+    assert written == LOG_FIELDS, written
 
 
 def test_man_page_is_lint_clean():

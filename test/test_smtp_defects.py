@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from harness import LOG_FIELDS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {"PATH": "/usr/bin:/bin"}
 GREET = b"220 mx.test ESMTP does not accept mail\r\n"
@@ -20,7 +22,6 @@ EHLO = b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
 REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
 BYE = b"221 2.0.0 mx.test closing connection\r\n"
 BYE_521 = b"221 mx.test closing connection\r\n"
-FIELDS = ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"]
 
 
 def binaries():
@@ -71,7 +72,7 @@ def test_worst_case_log_line_keeps_every_field(binary):
     p = run(binary, ["-H", "mx.test", "-l", "stderr"], stdin + b"QUIT\r\n", env)
     assert p.returncode == 0
     f, order = log_fields(p.stderr)
-    assert order == FIELDS, order
+    assert order == LOG_FIELDS, order
     assert f["rcpts"] == "4" and f["end"] == "quit" and f["commands"] == "7", f
     cut = "\\x01" * 25 + "..."
     assert f["helo"] == cut and f["mail"] == cut and f["rcpt"] == ",".join([cut] * 3), f
@@ -172,7 +173,7 @@ def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary):
     assert status == 0, (status, seen)
     line = data[filled:]
     f, order = log_fields(line)
-    assert order == FIELDS and f["end"] == "alarm", line
+    assert order == LOG_FIELDS and f["end"] == "alarm", line
     assert took >= 2.5, took  # the alarm comes 2 s after the 1 s deadline
 
 
