@@ -426,12 +426,14 @@ def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
         p = ns.script("postinst", "configure")
         assert ns.state()[1] == "enabled" and ns.state()[0] != "active", ns.state()
         msg = p.stderr
-        assert "could not listen on port 25" in msg and "README.Debian" in msg, msg
+        # The port the socket has (a drop-in may have moved it), not 25.
+        assert f"could not listen on port {port}," in msg and f"sport = :{port}`" in msg, msg
+        assert "README.Debian" in msg, msg
         # The commands of the message, with 127.0.0.2 as the public address.
         m = re.search(r"^ +(mkdir -p /etc/systemd/system/smtp521\.socket\.d\n.*?systemctl restart smtp521\.socket)$",
                       msg, re.M | re.S)
         assert m, msg
-        commands = m.group(1).replace("192.0.2.1:25", f"127.0.0.2:{port}")
+        commands = m.group(1).replace(f"192.0.2.1:{port}", f"127.0.0.2:{port}")
         p = ns.sh(commands)
         assert p.returncode == 0, p.stderr
         assert wait_state(ns, ("active", "enabled")) == ("active", "enabled")
