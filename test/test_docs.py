@@ -72,6 +72,18 @@ def test_man_page_documents_the_log_fields_in_their_order():
     assert written == LOG_FIELDS, written
 
 
+def test_man_page_counts_the_filters_calls():
+    source = read("smtp521.cpp")
+    table = source[source.index("constexpr int allowed_syscalls[] = {"):]
+    table = table[:table.index("};")]
+    # x86-64 has them all (the #ifdef is for poll-less architectures)
+    allowed = re.findall(r"\bSYS_(\w+)", re.sub(r"^#.*$", "", table, flags=re.M))
+    man = read("man", "smtp521.8")
+    assert f"The filter allows {len(allowed)} calls" in man, allowed
+    listed = re.search(r"The filter allows only the calls a session makes: (.*?)\.\n", man, re.S).group(1)
+    assert set(re.findall(r"\w+", listed)) - {"and"} == set(allowed), (listed, allowed)
+
+
 def test_man_page_is_lint_clean():
     if shutil.which("mandoc") is None:
         if os.environ.get("CI") == "true":

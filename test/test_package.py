@@ -157,6 +157,9 @@ def test_version_agrees_everywhere(package):
     with gzip.open(package.path("usr/share/man/man8/smtp521.8.gz"), "rt") as f:
         man = f.read()
     assert re.search(r"^\.Os smtp521 (\S+)$", man, re.M).group(1) == v
+    # Its paths are the package's: a drop-in copied from it runs /usr/sbin/smtp521.
+    assert "/usr/local/sbin" not in man and "ExecStart=/usr/sbin/smtp521 --log stderr" in man
+    assert ".It Pa /lib/systemd/system/smtp521.socket" in man
     with gzip.open(package.path("usr/share/doc/smtp521/changelog.gz"), "rt") as f:
         assert f.readline().startswith(f"smtp521 ({v}) ")
 
