@@ -39,6 +39,11 @@ smtp521: smtp521.cpp debian/changelog
 smtp521-dynamic: smtp521.cpp debian/changelog
 	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) -pie $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
 
+# The same for i386 (g++-multilib), where glibc sends socket calls through
+# socketcall(2): test/test_sandbox.py runs the filter's rules for it.
+smtp521-i386: smtp521.cpp debian/changelog
+	$(CXX) -m32 $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(LINKMODE) $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+
 # The same program under AddressSanitizer and UndefinedBehaviorSanitizer.
 smtp521-asan: smtp521.cpp debian/changelog
 	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ smtp521.cpp
@@ -59,6 +64,13 @@ test/unit-asan: test/unit.cpp smtp521.cpp debian/changelog test/catch_main-asan.
 # that installs the seccomp filter.
 test/sandbox: test/sandbox.cpp smtp521.cpp test/catch_main.o
 	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main.o
+
+# On i386 (g++-multilib; test_unit.py makes it when it can).
+test/catch_main-i386.o: test/catch_main.cpp
+	$(CXX) -m32 -std=c++17 -O1 $(CPPFLAGS) -c -o $@ test/catch_main.cpp
+
+test/sandbox-i386: test/sandbox.cpp smtp521.cpp test/catch_main-i386.o
+	$(CXX) -m32 $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main-i386.o
 
 test/sandbox-asan: test/sandbox.cpp smtp521.cpp test/catch_main-asan.o
 	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main-asan.o
@@ -164,7 +176,7 @@ deb-check:
 	test/deb-check
 
 clean:
-	rm -f smtp521 smtp521-asan smtp521-dynamic test/unit test/unit-asan test/sandbox test/sandbox-asan test/fuzz test/*.o
+	rm -f smtp521 smtp521-asan smtp521-dynamic smtp521-i386 test/unit test/unit-asan test/sandbox test/sandbox-asan test/sandbox-i386 test/fuzz test/*.o
 	rm -rf test/bench/out
 
 .PHONY: all check test clean install uninstall interop readme bench fuzz deb deb-check

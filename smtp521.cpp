@@ -14,6 +14,9 @@
 #include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
+#if defined(__i386__)
+#include <linux/net.h>
+#endif
 #include <linux/seccomp.h>
 #include <getopt.h>
 #include <netinet/in.h>
@@ -861,6 +864,15 @@ constexpr bool sanitized =
 #endif
 constexpr int sanitizer_syscalls[] = {SYS_munmap, SYS_madvise, SYS_sigaltstack, SYS_gettid, SYS_readlink};
 
+// i386's glibc, built for kernels older than 4.3, sends the socket calls
+// above through socketcall(2), whose first argument names the call: the
+// filter allows socketcall for these calls only.  Without the vDSO, its
+// clock is clock_gettime64.
+#if defined(__i386__)
+constexpr std::uint32_t allowed_socketcalls[] = {SYS_SEND, SYS_RECV, SYS_SENDTO, SYS_RECVFROM, SYS_SHUTDOWN};
+constexpr int i386_syscalls[] = {SYS_clock_gettime64};
+#endif
+
 #if defined(__x86_64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_X86_64;
 #elif defined(__aarch64__)
@@ -879,7 +891,11 @@ constexpr std::uint32_t audit_arch = 0;  // unknown: no sandbox (sandbox=off)
 // cannot come from this program at all, only from injected code: it kills.
 template <class T, std::size_t N>
 constexpr std::size_t count(const T (&)[N]) { return N; }
-constexpr std::size_t filter_length = 7 + 2 * (count(allowed_syscalls) + count(sanitizer_syscalls)) + 5;
+constexpr std::size_t filter_length = 7 + 2 * (count(allowed_syscalls) + count(sanitizer_syscalls)) + 5
+#if defined(__i386__)
+    + 2 * count(i386_syscalls) + 3 + 2 * count(allowed_socketcalls)
+#endif
+    ;
 
 bool confine() {
     if (audit_arch == 0) return false;
@@ -911,6 +927,19 @@ bool confine() {
         emit(BPF_STMT(BPF_RET | BPF_K, allow));
     };
     for (int nr : allowed_syscalls) allow_call(nr);
+#if defined(__i386__)
+    for (int nr : i386_syscalls) allow_call(nr);
+    // socketcall: the call's number is its first argument.  Every path of
+    // this block returns, so the number stays loaded for the rest.
+    emit(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_socketcall, 0,
+                  static_cast<std::uint8_t>(2 + 2 * count(allowed_socketcalls))));
+    emit(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args[0])));
+    for (std::uint32_t call : allowed_socketcalls) {
+        emit(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, call, 0, 1));
+        emit(BPF_STMT(BPF_RET | BPF_K, allow));
+    }
+    emit(BPF_STMT(BPF_RET | BPF_K, refuse));
+#endif
     if (sanitized) {
         for (int nr : sanitizer_syscalls) allow_call(nr);
         // mmap without PROT_EXEC (its third argument; the low word on a
