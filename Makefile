@@ -121,26 +121,25 @@ bench:
 readme: test/interop-table.md
 	$(PYTHON) test/splice-readme README.md test/interop-table.md
 
-# Install into $(DESTDIR)$(PREFIX); the service unit's ExecStart follows
-# SBINDIR, and the man page's footer gets the version.
-
 # The tree's files name the default paths; the installed man page names
 # the ones this install used (a drop-in copied from it must run a program
-# that exists).
+# that exists), and so do the service unit and the inetd lines.
 INSTALLED_PATHS = -e 's|/usr/local/sbin/smtp521|$(SBINDIR)/smtp521|g' \
 	-e 's|/usr/local/lib/systemd/system/|$(UNITDIR)/|g' \
 	-e 's|/usr/local/share/doc/smtp521/|$(DOCDIR)/|g'
 
+# Install into $(DESTDIR)$(PREFIX); the service unit's ExecStart follows
+# SBINDIR, and the man page's footer gets the version.
 install: smtp521
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR)
 	install -m 755 smtp521 $(DESTDIR)$(SBINDIR)/smtp521
 	sed -e 's/^\.Os$$/.Os smtp521 $(VERSION)/' $(INSTALLED_PATHS) man/smtp521.8 > $(DESTDIR)$(MANDIR)/man8/smtp521.8
 	chmod 644 $(DESTDIR)$(MANDIR)/man8/smtp521.8
 	install -m 644 smtp521.socket smtp521.slice $(DESTDIR)$(UNITDIR)/
-	sed 's|^ExecStart=/usr/local/sbin/smtp521|ExecStart=$(SBINDIR)/smtp521|' smtp521@.service \
+	sed $(INSTALLED_PATHS) smtp521@.service \
 		> $(DESTDIR)$(UNITDIR)/smtp521@.service
 	chmod 644 $(DESTDIR)$(UNITDIR)/smtp521@.service
-	sed 's|/usr/local/sbin/smtp521|$(SBINDIR)/smtp521|' inetd.conf.example \
+	sed $(INSTALLED_PATHS) inetd.conf.example \
 		> $(DESTDIR)$(DOCDIR)/inetd.conf.example
 	chmod 644 $(DESTDIR)$(DOCDIR)/inetd.conf.example
 	install -m 644 README.md $(DESTDIR)$(DOCDIR)/README.md

@@ -300,28 +300,24 @@ def wait_listening(port, host="127.0.0.1", family=socket.AF_INET, timeout=10):
     raise AssertionError(f"nothing listens on {host}:{port}")
 
 
+def cgroup_hierarchies():
+    """(mount point, fstype, options) of each mounted cgroup hierarchy."""
+    with open("/proc/self/mounts") as f:
+        found = [line.split()[1:4] for line in f]
+    return [(mnt, fstype, opts.split(",")) for mnt, fstype, opts in found if fstype in ("cgroup", "cgroup2")]
+
+
 def cgroup_mounts():
     """(cgroup2 mount point, name=systemd v1 mount point or None)."""
-    v2 = named = None
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, mnt, fstype, opts = line.split()[:4]
-            if fstype == "cgroup2" and v2 is None:
-                v2 = mnt
-            elif fstype == "cgroup" and "name=systemd" in opts.split(","):
-                named = mnt
+    hierarchies = cgroup_hierarchies()
+    v2 = next((mnt for mnt, fstype, _ in hierarchies if fstype == "cgroup2"), None)
+    named = next((mnt for mnt, fstype, opts in hierarchies if fstype == "cgroup" and "name=systemd" in opts), None)
     return v2, named
 
 
 def cgroup_dirs():
     """Every cgroup directory of every mounted hierarchy."""
-    tops = set()
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, mnt, fstype = line.split()[:3]
-            if fstype in ("cgroup", "cgroup2"):
-                tops.add(mnt)
-    return {d for top in tops for d, _, _ in os.walk(top)}
+    return {d for mnt, _, _ in cgroup_hierarchies() for d, _, _ in os.walk(mnt)}
 
 
 def remove_new_cgroups(before, timeout=5):
