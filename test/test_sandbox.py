@@ -24,10 +24,6 @@ STRACE = shutil.which("strace") or "/usr/bin/strace"
 
 def binary_path(name):
     path = os.path.join(ROOT, name)
-    if name == "smtp521-i386":
-        p = subprocess.run(["make", "-s", name], cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0:
-            pytest.skip(f"needs an i386 compiler (g++-multilib): {p.stderr.strip().splitlines()[-1:]}")
     if not os.path.exists(path):
         pytest.skip(f"{name} is not built (make {name})")
     return path
