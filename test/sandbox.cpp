@@ -5,7 +5,7 @@
 #define SMTP521_NO_MAIN
 #include "../smtp521.cpp"
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <sys/mman.h>
 #include <sys/un.h>

@@ -3,7 +3,7 @@
 #define SMTP521_NO_MAIN
 #include "../smtp521.cpp"
 
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <sys/wait.h>
 
