@@ -3,6 +3,7 @@ test/conftest.py): the binary started as a super-server starts it, the
 loopback client, the super-servers, a private /dev/log, a private systemd,
 and the checks for what a test needs (root, namespaces, tools), each done
 once and each naming what is missing."""
+import errno
 import functools
 import os
 import re
@@ -101,9 +102,29 @@ def _systemd():
     return f"needs PID namespaces: {err}" if err else None
 
 
+# A skip whose reason starts so names a limit of the host itself, which no
+# package can lift: the only kind of skip that CI=true accepts (conftest).
+HOST_LIMIT = "host limit: "
+
+
+def _i386():
+    """The kernel executes i386 binaries (IA-32 emulation): smtp521-i386,
+    exec'ed for its version, which runs no session and cannot hang."""
+    path = os.path.join(ROOT, "smtp521-i386")
+    if not os.access(path, os.X_OK):
+        return "needs smtp521-i386 (make i386)"
+    try:
+        subprocess.run([path, "-V"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    except OSError as e:
+        if e.errno == errno.ENOEXEC:
+            return HOST_LIMIT + "this kernel cannot execute i386 binaries (no IA-32 emulation)"
+        return f"cannot run smtp521-i386: {e}"
+    return None
+
+
 def _fuzz():
     if not os.access(os.path.join(ROOT, "test", "fuzz"), os.X_OK):
-        return "needs test/fuzz, built with clang (apt-get install clang libclang-rt-14-dev; make test/fuzz)"
+        return "needs test/fuzz, built with clang (apt-get install clang libclang-rt-dev; make test/fuzz)"
     return None
 
 
@@ -126,6 +147,12 @@ CAPABILITIES = {
     "inetd": lambda: None if os.access("/usr/sbin/inetd", os.X_OK) else
     "needs openbsd-inetd (/usr/sbin/inetd)",
     "tcpserver": lambda: _tool_reason("tcpserver", "ucspi-tcp"),
+    "i386": _i386,
+    "strace": lambda: _tool_reason("strace", "strace"),
+    "man": lambda: _tool_reason("man", "man-db"),
+    "unshare": lambda: _tool_reason("unshare", "util-linux"),
+    "nsenter": lambda: _tool_reason("nsenter", "util-linux"),
+    "cc": lambda: _tool_reason("cc", "gcc"),
     "systemd-socket-activate": lambda: _tool_reason("systemd-socket-activate", "systemd"),
     "systemd-analyze": lambda: _tool_reason("systemd-analyze", "systemd"),
     "mandoc": lambda: _tool_reason("mandoc", "mandoc"),
@@ -135,8 +162,24 @@ CAPABILITIES = {
 
 @functools.lru_cache(maxsize=None)
 def missing(capability):
-    """Why `capability` is not available here, or None if it is."""
+    """Why `capability` is not available here, or None if it is.
+    "built:PATH" asks for a file of the tree that make builds, "tool:NAME"
+    for a program (test/packages has them all)."""
+    if capability.startswith("tool:"):
+        name = capability[len("tool:"):]
+        return None if tool(name) else f"needs {name} (test/packages)"
+    if capability.startswith("built:"):
+        path = capability[len("built:"):]
+        return None if os.access(os.path.join(ROOT, path), os.X_OK) else f"{path} is not built (make {path})"
     return CAPABILITIES[capability]()
+
+
+def build(path, *capabilities):
+    """A build (smtp521, smtp521-asan ...) as a test parameter, skipped at
+    collection with the reason unless it is built and the host has what
+    it needs to run it."""
+    import pytest
+    return pytest.param(path, id=path, marks=pytest.mark.needs(f"built:{path}", *capabilities))
 
 
 def need(*capabilities):
@@ -558,10 +601,10 @@ class Systemd:
         print(f"---- systemd's console:\n{self.output.text(join=True)[-4000:]}")
 
 
-def systemd_units(port_ours, port_default):
+def systemd_units(port_ours, port_limited):
     """A unit directory (remove it when done): the shipped units with only
-    the port changed, and a copy of the socket with systemd's default
-    trigger limit, for comparison."""
+    the port changed, and a copy of the socket with a trigger limit (20
+    activations in 2 s, systemd's default for Accept=no), for comparison."""
     d = tempfile.mkdtemp(prefix="smtp521-units-")
     os.chmod(d, 0o755)
     with open(os.path.join(ROOT, "smtp521.socket")) as f:
@@ -572,9 +615,9 @@ def systemd_units(port_ours, port_default):
     files = {
         "smtp521.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_ours}\n"),
         "smtp521@.service": svc,
-        "smtp521-default.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_default}\n")
-                                      .replace("\nTriggerLimitIntervalSec=0\n", "\n"),
-        "smtp521-default@.service": svc,
+        "smtp521-limited.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_limited}\n")
+                                      .replace("\nTriggerLimitIntervalSec=0\n", "\nTriggerLimitBurst=20\n"),
+        "smtp521-limited@.service": svc,
     }
     for name, text in files.items():
         with open(os.path.join(d, name), "w") as f:

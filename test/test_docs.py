@@ -3,7 +3,6 @@ inetd.conf.example, and documents what the binary prints.  Run with
     /usr/bin/python3 -m pytest -q test/test_docs.py"""
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -84,23 +83,17 @@ def test_man_page_counts_the_filters_calls():
     assert set(re.findall(r"\w+", listed)) - {"and"} == set(allowed), (listed, allowed)
 
 
+@pytest.mark.needs("mandoc")
 def test_man_page_is_lint_clean():
-    if shutil.which("mandoc") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mandoc is missing")
-        pytest.skip("needs mandoc")
     p = subprocess.run(["mandoc", "-Tlint", "-Wwarning", os.path.join(ROOT, "man", "smtp521.8")],
                        capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stdout + p.stderr
 
 
+@pytest.mark.needs("man")
 def test_man_page_renders_without_groff_warnings():
     # What lintian's groff-message check runs: man-db's groff at 80 columns.
     # mandoc -Tlint does not see a table cell too wide to break.
-    if shutil.which("man") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("man (man-db) is missing")
-        pytest.skip("needs man-db")
     env = dict(os.environ, LC_ALL="C.UTF-8", MANROFFSEQ="", MANWIDTH="80")
     p = subprocess.run(["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z",
                         os.path.join(ROOT, "man", "smtp521.8")],

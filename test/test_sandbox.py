@@ -12,26 +12,19 @@ import tempfile
 
 import pytest
 
-from harness import ROOT, Child, crlf, fields
+from harness import ROOT, Child, build, crlf, fields
 
-BINARIES = ["smtp521", "smtp521-asan"]
+BINARIES = [build("smtp521"), build("smtp521-asan")]
 # i386's glibc sends socket calls through socketcall(2), which the filter
 # allows for the session's calls only: the traces run there too.
-TRACED_BINARIES = BINARIES + ["smtp521-i386"]
+I386 = build("smtp521-i386", "i386")
+TRACED_BINARIES = BINARIES + [I386]
 SESSION = crlf("EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<b@mx.test>", "QUIT")
 STRACE = shutil.which("strace") or "/usr/bin/strace"
 
 
 def binary_path(name):
-    path = os.path.join(ROOT, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{name} is not built (make {name})")
-    return path
-
-
-def need_strace():
-    if not os.path.exists(STRACE):
-        pytest.skip("needs strace (apt-get install strace)")
+    return os.path.join(ROOT, name)
 
 
 def seccomp_state(pid):
@@ -148,12 +141,12 @@ SCENARIOS = {
 }
 
 
+@pytest.mark.needs("strace")
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize("name", TRACED_BINARIES)
 def test_no_call_is_refused(name, scenario, tmp_path):
     # The allowlist was found with strace; this keeps it complete: in every
     # situation a session meets, no call after the filter is refused.
-    need_strace()
     binary = binary_path(name)
     trace = str(tmp_path / "trace")
     if SCENARIOS[scenario] is None:
@@ -167,13 +160,11 @@ def test_no_call_is_refused(name, scenario, tmp_path):
     assert fields(log.strip().splitlines()[-1])["sandbox"] == "on", log
 
 
-@pytest.mark.parametrize("name", ["smtp521", "smtp521-i386"])
+@pytest.mark.needs("strace", "root", "mountns")
+@pytest.mark.parametrize("name", [build("smtp521"), I386])
 def test_no_call_is_refused_when_logging_to_syslog(name, tmp_path):
     # syslog(3) after the filter: the socket was opened and connected
     # before it (LOG_NDELAY), the time zone read; only send and getpid remain.
-    if os.geteuid() != 0:
-        pytest.skip("needs root (a private /dev/log in a mount namespace)")
-    need_strace()
     binary = binary_path(name)
     dev = tmp_path / "dev"
     dev.mkdir()
@@ -196,11 +187,11 @@ def test_no_call_is_refused_when_logging_to_syslog(name, tmp_path):
         listener.close()
 
 
+@pytest.mark.needs("strace")
 @pytest.mark.parametrize("name", BINARIES)
 def test_a_kernel_that_refuses_the_filter_costs_only_the_filter(name):
     # strace makes seccomp() fail as an old or locked-down kernel would:
     # the session is the same, and the log line says sandbox=off.
-    need_strace()
     binary = binary_path(name)
     with tempfile.TemporaryDirectory(prefix="smtp521-strace-") as work:
         p = subprocess.run([STRACE, "-f", "-qq", "-o", os.path.join(work, "trace"),

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import LOG_FIELDS
+from harness import LOG_FIELDS, PRIVATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {"PATH": "/usr/bin:/bin"}
@@ -36,11 +36,6 @@ def binary(request):
     if not os.path.exists(request.param):
         pytest.fail(f"{request.param} is not built: run make")
     return request.param
-
-
-def need_root():
-    if os.geteuid() != 0 and os.environ.get("CI") != "true":
-        pytest.skip("needs root")
 
 
 def crlf(*lines):
@@ -215,23 +210,22 @@ def test_521_modes_send_no_enhanced_code(binary, mode):
 def in_private_etc(binary, script_before, args, stdin, hostname="kernel.test"):
     """Run the binary in a private mount and UTS namespace: the kernel's
     host name is `hostname`, /etc is an overlay of the real one where
-    `script_before` (sh) may write; nothing on the host changes."""
-    need_root()
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux)")
+    `script_before` (sh) may write; nothing on the host changes.
+    test/private-mounts makes the namespace's mounts private, in a chroot too."""
     d = tempfile.mkdtemp(prefix="smtp521-etc-")
     try:
         os.mkdir(os.path.join(d, "u"))
         os.mkdir(os.path.join(d, "w"))
         script = ('hostname "$3" && mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/u,workdir=$1/w" /etc && '
                   + script_before + ' && shift 3 && exec "$@"')
-        return subprocess.run(["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-ec", script, "sh",
+        return subprocess.run(["unshare", "--mount", "--uts", "--propagation", "unchanged", PRIVATE, "sh", "-ec", script, "sh",
                                d, binary, hostname, binary] + args,
                               input=stdin, capture_output=True, timeout=30, env=ENV)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.needs("root", "mountns")
 def test_default_hostname_is_etc_mailname(binary):
     p = in_private_etc(binary, 'printf "mx.mailname.test\\n" > /etc/mailname', ["-l", "none"], crlf("EHLO c", "QUIT"))
     assert p.returncode == 0, p.stderr
@@ -239,6 +233,7 @@ def test_default_hostname_is_etc_mailname(binary):
     assert b"250-mx.mailname.test\r\n" in p.stdout and b"221 2.0.0 mx.mailname.test " in p.stdout, p.stdout
 
 
+@pytest.mark.needs("root", "mountns")
 def test_default_hostname_falls_back_to_the_kernels(binary):
     p = in_private_etc(binary, 'rm -f /etc/mailname', ["-l", "none"], crlf("QUIT"))
     assert p.stdout == b"220 kernel.test ESMTP does not accept mail\r\n221 2.0.0 kernel.test closing connection\r\n"
@@ -246,6 +241,7 @@ def test_default_hostname_falls_back_to_the_kernels(binary):
     assert p.stdout.startswith(b"220 kernel.test "), p.stdout
 
 
+@pytest.mark.needs("root", "mountns")
 def test_hostname_option_wins_over_etc_mailname(binary):
     p = in_private_etc(binary, 'printf "mx.mailname.test\\n" > /etc/mailname', ["-H", "mx.test", "-l", "none"],
                        crlf("QUIT"))
