@@ -11,6 +11,15 @@ import pytest
 from harness import LOG_FIELDS, Server, children, crlf, fields, free_port
 
 DEADLINE = 3  # smtp521 -t; the whole suite takes about two deadlines
+# How late after its deadline a session may end: a busy machine (500
+# processes on 2 cores, under ASan) delays the wake-up, not the deadline.
+# A deadline that each byte pushed back would never end a slowloris
+# client's session (it trickles until the server closes).
+LATE = DEADLINE
+# A client that waits for the server to end the session gives up after
+# this long: the process may start late (one super-server spawning 500 on
+# a busy machine), and its deadline counts from its start.
+PATIENCE = DEADLINE + 60
 GREET = b"220 mx.test ESMTP does not accept mail\r\n"
 BYE = b"221 2.0.0 mx.test closing connection\r\n"
 FULL_OUT = GREET + b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n250 2.1.0 Ok\r\n521 5.3.2 mx.test does not accept mail\r\n" + BYE
@@ -21,7 +30,7 @@ pytestmark = pytest.mark.needs("systemd-socket-activate")
 def connect(port):
     for attempt in range(50):
         try:
-            return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE + 5)
+            return socket.create_connection(("127.0.0.1", port), timeout=PATIENCE)
         except OSError:
             time.sleep(0.05 * (attempt + 1))
     raise OSError("could not connect")
@@ -54,7 +63,7 @@ def client(kind, port, results):
         elif kind == "slowloris":
             s.setblocking(False)
             got = b""
-            while time.monotonic() - start < DEADLINE + 3:
+            while time.monotonic() - start < PATIENCE:
                 try:
                     s.send(b"X")
                 except OSError:
@@ -75,7 +84,7 @@ def client(kind, port, results):
             s.setblocking(False)
             payload = b"NOOP\r\n" * 10000
             sent = 0
-            while time.monotonic() - start < DEADLINE + 3:
+            while time.monotonic() - start < PATIENCE:
                 try:
                     sent += s.send(payload)
                 except BlockingIOError:
@@ -127,7 +136,7 @@ def load_run(smtp521):
         for t in threads:
             t.start()
         peak_procs = peak_hwm = 0
-        while any(t.is_alive() for t in threads) and time.monotonic() - start < DEADLINE + 15:
+        while any(t.is_alive() for t in threads) and time.monotonic() - start < PATIENCE + 15:
             pids = children(srv.proc.pid)
             peak_procs = max(peak_procs, len(pids))
             for pid in pids[:50]:
@@ -135,8 +144,10 @@ def load_run(smtp521):
             time.sleep(0.1)
         for t in threads:
             t.join(timeout=5)
-        # No process outlives its deadline by more than a second.
-        time.sleep(1.0)
+        # Every process is gone within LATE of the last deadline.
+        last = time.monotonic() + LATE
+        while children(srv.proc.pid) and time.monotonic() < last:
+            time.sleep(0.1)
         leftover = children(srv.proc.pid)
         wall = time.monotonic() - start
     finally:
@@ -154,10 +165,17 @@ def test_every_client_got_its_replies(load_run):
 
 
 def test_silent_and_slow_clients_cut_at_deadline(load_run):
+    # Not before the deadline, as the client sees it; not long after, as
+    # the session itself measured it (its log line): the client's clock
+    # also counts the wait for a busy super-server to start the process.
     run = load_run
     for r in run["results"]:
         if r["kind"] in ("silent", "slowloris"):
-            assert DEADLINE - 0.2 <= r["elapsed"] <= DEADLINE + 1.5, r
+            assert r["elapsed"] >= DEADLINE - 0.2, r
+    logs = [fields(line.decode()) for line in run["err"].splitlines() if line.startswith(b"peer=")]
+    timeouts = [float(log["duration"]) for log in logs if log["end"] == "timeout"]
+    assert len(timeouts) >= KINDS["silent"] + KINDS["slowloris"], len(timeouts)
+    assert all(DEADLINE <= d <= DEADLINE + LATE for d in timeouts), sorted(timeouts)[-5:]
 
 
 def test_no_process_outlives_its_deadline(load_run):
@@ -166,7 +184,7 @@ def test_no_process_outlives_its_deadline(load_run):
     logs = [fields(l.decode()) for l in run["err"].splitlines() if l.startswith(b"peer=")]
     assert len(logs) == 500, len(logs)
     for log in logs:
-        assert float(log["duration"]) <= DEADLINE + 1.0, log
+        assert float(log["duration"]) <= DEADLINE + LATE, log
 
 
 def test_every_exit_status_is_clean(load_run):
