@@ -21,22 +21,8 @@ from harness import SESSION_IN, SESSION_OUT, Systemd, default_name, free_port, t
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CI = os.environ.get("CI") == "true"
-
-
-def need(*tools):
-    for tool in tools:
-        if shutil.which(tool) is None:
-            if CI:
-                pytest.fail(f"{tool} missing under CI=true (test/packages)")
-            pytest.skip(f"needs {tool}")
-
-
-def need_root():
-    if os.geteuid() != 0:
-        if CI:
-            pytest.fail("CI=true runs as root")
-        pytest.skip("needs root")
+# Every test here reads the package that `make deb` builds.
+pytestmark = pytest.mark.needs("tool:dpkg-buildpackage", "tool:dh", "tool:fakeroot")
 
 
 def changelog_version():
@@ -46,12 +32,18 @@ def changelog_version():
     return m.group(1)
 
 
+# Where the package's units go: what this release's systemd.pc says, as
+# debian/rules asks it (lib/systemd/system on Debian 12, usr/lib/... on 13).
+UNITDIR = subprocess.run(["pkg-config", "--variable=systemdsystemunitdir", "systemd"],
+                         capture_output=True, text=True).stdout.strip().strip("/") \
+    if shutil.which("pkg-config") else "lib/systemd/system"
+
 # What the package holds, and its modes: every file the package must ship.
 FILES = {
     "etc/default/smtp521": 0o644,
-    "lib/systemd/system/smtp521.slice": 0o644,
-    "lib/systemd/system/smtp521.socket": 0o644,
-    "lib/systemd/system/smtp521@.service": 0o644,
+    f"{UNITDIR}/smtp521.slice": 0o644,
+    f"{UNITDIR}/smtp521.socket": 0o644,
+    f"{UNITDIR}/smtp521@.service": 0o644,
     "usr/sbin/smtp521": 0o755,
     "usr/share/doc/smtp521/README.Debian": 0o644,
     "usr/share/doc/smtp521/README.md.gz": 0o644,
@@ -74,6 +66,23 @@ def litter():
     found |= {os.path.join(ROOT, "debian", n) for n in os.listdir(os.path.join(ROOT, "debian"))
               if LITTER.search("debian/" + n)}
     return found
+
+
+@pytest.mark.needs("tool:git")
+def test_git_tracks_no_built_binary():
+    # `make deb` ships every tracked file in the source package, and a
+    # clone carries them all: nothing built (ELF) may be tracked.
+    p = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    if not p.stdout:
+        pytest.skip("not a git work tree (an unpacked source package): nothing is tracked")
+    elf = []
+    for name in p.stdout.decode().split("\0"):
+        path = os.path.join(ROOT, name)
+        if name and os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    elf.append(name)
+    assert elf == [], f"git tracks built binaries: {elf} (git rm --cached, and .gitignore them)"
 
 
 class Package:
@@ -99,7 +108,6 @@ class Package:
 
 @pytest.fixture(scope="module")
 def package():
-    need("dpkg-buildpackage", "dh", "fakeroot")
     before = litter()
     out = tempfile.mkdtemp(prefix="smtp521-deb-")
     os.chmod(out, 0o755)
@@ -134,7 +142,7 @@ def test_deb_lists_every_file(package):
 
 
 def test_units_and_examples_name_usr_sbin(package):
-    svc = package.read("lib/systemd/system/smtp521@.service")
+    svc = package.read(f"{UNITDIR}/smtp521@.service")
     assert re.search(r"^ExecStart=/usr/sbin/smtp521 --log stderr \$SMTP521_OPTS$", svc, re.M), svc
     assert "\nEnvironmentFile=-/etc/default/smtp521\n" in svc and "\nSlice=smtp521.slice\n" in svc
     inetd = package.read("usr/share/doc/smtp521/inetd.conf.example")
@@ -159,7 +167,7 @@ def test_version_agrees_everywhere(package):
     assert re.search(r"^\.Os smtp521 (\S+)$", man, re.M).group(1) == v
     # Its paths are the package's: a drop-in copied from it runs /usr/sbin/smtp521.
     assert "/usr/local/sbin" not in man and "ExecStart=/usr/sbin/smtp521 --log stderr" in man
-    assert ".It Pa /lib/systemd/system/smtp521.socket" in man
+    assert f".It Pa /{UNITDIR}/smtp521.socket" in man
     with gzip.open(package.path("usr/share/doc/smtp521/changelog.gz"), "rt") as f:
         assert f.readline().startswith(f"smtp521 ({v}) ")
 
@@ -189,8 +197,8 @@ def test_default_file_lists_every_option_with_its_default(package):
     assert "--message 'does not accept mail'" in commented and '"does not accept mail"' in help_text
 
 
+@pytest.mark.needs("tool:blhc", "tool:readelf", "tool:file")
 def test_build_flags_and_static_pie(package):
-    need("blhc", "readelf", "file")
     # The compile line has the Makefile's flags and dpkg-buildflags'.
     line = next(ln for ln in package.log.splitlines() if re.match(r"\S*g\+\+ .* -o smtp521 smtp521\.cpp$", ln))
     for flag in ("-static-pie", "-fPIE", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong",
@@ -214,8 +222,8 @@ def test_build_flags_and_static_pie(package):
     assert stack.split()[-2] == "RW", stack
 
 
+@pytest.mark.needs("tool:lintian")
 def test_lintian_clean(package):
-    need("lintian")
     p = subprocess.run(["lintian", "--fail-on", "error,warning", package.changes], capture_output=True,
                        text=True, timeout=600)
     tags = [ln for ln in p.stdout.splitlines() if re.match(r"[EW]: ", ln)]
@@ -228,7 +236,7 @@ def unit_copy(package, name, port, envfile=None):
     """A unit from the package with only what the private systemd needs
     changed: the port (ListenStream=25), the binary's path (test/with-systemd
     puts it at /usr/local/sbin), and optionally the environment file."""
-    text = package.read(f"lib/systemd/system/{name}")
+    text = package.read(f"{UNITDIR}/{name}")
     if name == "smtp521.socket":
         assert "\nListenStream=25\n" in text
         text = text.replace("\nListenStream=25\n", f"\nListenStream={port}\n")
@@ -270,11 +278,10 @@ def finish_session(c, got):
     return got
 
 
+@pytest.mark.needs("systemd")
 def test_units_from_the_package_serve_a_session(package):
     # The units as shipped, the port and the binary's path aside, under a
     # real systemd; the environment file is the package's conffile.
-    need_root()
-    need("unshare", "nsenter")
     port = free_port()
     d = tempfile.mkdtemp(prefix="smtp521-pkgunits-")
     os.chmod(d, 0o755)
@@ -367,13 +374,12 @@ def wait_state(ns, want, timeout=30):
     return ns.state()
 
 
+@pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
 def test_install_upgrade_remove_purge_under_systemd(package):
     # What dpkg runs, in order, against a real systemd: install enables
     # and starts the socket; an upgrade restarts it while a session is held
     # open, and the session goes on to its end; remove stops and disables it;
     # purge leaves no symlink behind.
-    need_root()
-    need("unshare", "nsenter", "deb-systemd-helper", "deb-systemd-invoke")
     port = free_port()
     ns = Namespace(package, str(port))
     v = package.version
@@ -412,12 +418,11 @@ def test_install_upgrade_remove_purge_under_systemd(package):
         ns.close()
 
 
+@pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
 def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
     # Debian's exim4 holds 127.0.0.1:25; a socket on all addresses of the
     # port cannot start.  The installation succeeds, prints what to do, and
     # what it prints (the drop-in, with another address) works.
-    need_root()
-    need("unshare", "nsenter", "deb-systemd-helper", "deb-systemd-invoke")
     port = free_port()
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
