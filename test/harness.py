@@ -34,6 +34,28 @@ def fields(log_line):
     return dict(f.split("=", 1) for f in log_line.split(" ") if "=" in f)
 
 
+def wait_for(probe, timeout=20, interval=0.1):
+    """Call probe() until it returns something true, or `timeout` seconds
+    have passed; return its last value.  For what happens soon after an
+    event (a log line reaching the journal, systemd recording a failure):
+    wait for it, never sleep and then expect."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def cut_by(timeout):
+    """The latest a session run with -t TIMEOUT may end, in seconds after
+    its start: the deadline, plus as much again and a second and a half
+    for a busy machine (2 cores, ASan, the rest of the suite) to wake the
+    process and let it write and close.  A deadline that input pushed
+    back, or none at all, still fails it."""
+    return 2 * timeout + 1.5
+
+
 GREET = b"220 mx.test ESMTP does not accept mail\r\n"
 BYE = b"221 2.0.0 mx.test closing connection\r\n"
 REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import GREET, LOG_FIELDS, Child, crlf, default_name, fields
+from harness import GREET, LOG_FIELDS, Child, crlf, cut_by, default_name, fields
 
 GREET_521 = b"521 mx.test does not accept mail\r\n"
 REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
@@ -63,34 +63,37 @@ def test_replies_of_one_batch_come_in_one_write(binary):
 
 
 def test_close_mode_closes_after_greeting(binary):
-    c = Child(binary, ["-H", "mx.test", "-c", "-l", "stderr"])
-    assert c.read_until_eof(timeout=3) == GREET_521
+    # At once: far from the deadline.
+    c = Child(binary, ["-H", "mx.test", "-c", "-t", "60", "-l", "stderr"])
+    assert c.read_until_eof(timeout=30) == GREET_521
     assert c.wait() == 0
-    assert c.elapsed < 2.0
+    assert c.elapsed < 60 / 4, c.elapsed
     assert log_of(c)["end"] == "close"
 
 
 def test_silent_client_cut_at_deadline(binary):
-    # R5: -t 1 closes within about a second of the deadline.
+    # RFC 1846 4.2: -t 1 closes at the deadline: not before it (the
+    # client's clock), not long after it (the session's own, its log).
     c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"])
     t0 = time.monotonic()
-    out = c.read_until_eof(timeout=5)
+    out = c.read_until_eof(timeout=cut_by(1) + 10)
     took = time.monotonic() - t0
     assert out == GREET
-    assert 0.9 <= took <= 2.0, took
+    assert took >= 0.9, took
     assert c.wait() == 0
-    assert log_of(c)["end"] == "timeout"
+    log = log_of(c)
+    assert log["end"] == "timeout" and 1 <= float(log["duration"]) <= cut_by(1), log
 
 
 def test_trickling_client_cut_at_deadline(binary):
-    # R5: the deadline is for the session, not for silence: one byte every
-    # 200 ms does not keep it open.
+    # RFC 1846 4.2: the deadline is for the session, not for silence: one
+    # byte every 200 ms does not keep it open.
     c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"])
     t0 = time.monotonic()
     c.client.setblocking(False)
     got = b""
     closed_at = None
-    while time.monotonic() - t0 < 4:
+    while time.monotonic() - t0 < cut_by(1) + 10:
         try:
             c.client.send(b"N")
         except OSError:
@@ -108,10 +111,10 @@ def test_trickling_client_cut_at_deadline(binary):
             closed_at = time.monotonic() - t0
             break
     assert closed_at is not None, "never closed"
-    assert closed_at <= 2.2, closed_at
     assert got == GREET
     assert c.wait() == 0
-    assert log_of(c)["end"] == "timeout"
+    log = log_of(c)
+    assert log["end"] == "timeout" and 1 <= float(log["duration"]) <= cut_by(1), log
 
 
 def peak_rss_kib(binary, payload, reply):
@@ -138,22 +141,22 @@ def test_megabyte_line_keeps_memory_bounded(binary):
 
 
 def test_peer_closes_at_once(binary):
-    c = Child(binary, ["-H", "mx.test", "-l", "stderr"])
+    c = Child(binary, ["-H", "mx.test", "-t", "60", "-l", "stderr"])
     c.client.close()
-    assert c.wait(timeout=5) == 0
-    assert c.elapsed < 2
+    assert c.wait(timeout=30) == 0
+    assert c.elapsed < 60 / 4, c.elapsed
     end = log_of(c)["end"]
     # Which syscall notices first depends on timing: EOF, EPIPE or ECONNRESET.
     assert end in ("eof", "read-error", "write-error"), end
 
 
 def test_peer_resets_mid_session(binary):
-    c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp")
+    c = Child(binary, ["-H", "mx.test", "-t", "60", "-l", "stderr"], sock_kind="tcp")
     c.send(crlf("EHLO a", "NOOP"))
     c.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     c.client.close()  # RST
-    assert c.wait(timeout=5) == 0
-    assert c.elapsed < 2
+    assert c.wait(timeout=30) == 0
+    assert c.elapsed < 60 / 4, c.elapsed
     assert log_of(c)["end"] in ("eof", "read-error", "write-error")
 
 
@@ -164,14 +167,14 @@ def test_peer_that_never_reads_is_cut_at_deadline(binary):
     c.client.setblocking(False)
     t0 = time.monotonic()
     payload = b"NOOP\r\n" * 20000
-    while c.alive() and time.monotonic() - t0 < 6:
+    while c.alive() and time.monotonic() - t0 < cut_by(2) + 10:
         try:
             c.client.send(payload)
         except (BlockingIOError, OSError):
             time.sleep(0.05)
-    assert c.wait(timeout=6) == 0
-    assert c.elapsed < 3.2, c.elapsed
-    assert log_of(c)["end"] == "timeout"
+    assert c.wait(timeout=10) == 0
+    log = log_of(c)
+    assert log["end"] == "timeout" and 2 <= float(log["duration"]) <= cut_by(2), log
 
 
 def test_closed_peer_causes_no_sigpipe(binary):
@@ -202,12 +205,12 @@ def test_last_reply_survives_pipelined_data_after_quit(binary):
     (b"\x16\x03\x01\x00\xf1\x01\x00\x00\xed\x03\x03" + bytes(range(200)), "tls"),
 ], ids=["http", "tls"])
 def test_http_and_tls_closed_at_once(binary, payload, end):
-    c = Child(binary, ["-H", "mx.test", "-l", "stderr"], sock_kind="tcp")
+    c = Child(binary, ["-H", "mx.test", "-t", "60", "-l", "stderr"], sock_kind="tcp")
     c.send(payload)
-    out = c.read_until_eof(timeout=3)
+    out = c.read_until_eof(timeout=30)
     assert out == GREET, out
     assert c.wait() == 0
-    assert c.elapsed < 2
+    assert c.elapsed < 60 / 4, c.elapsed
     assert log_of(c)["end"] == end
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import (BYE, GREET, LOG_FIELDS, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, free_port, systemd_units, talk,
+from harness import (BYE, GREET, LOG_FIELDS, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, free_port, systemd_units, talk, wait_for,
                      wait_listening)
 
 
@@ -411,8 +411,9 @@ def test_under_real_systemd_accept_yes(systemd):
         out, local = talk(port_ours, SESSION_IN)
         name = default_name()
         assert out == SESSION_OUT.replace(b"mx.test", name), out
-        time.sleep(0.5)
-        entries = sd.ctl("-t", "smtp521", "-o", "json", tool="journalctl").stdout.splitlines()
+        # The session has ended when the client saw EOF; its log line
+        # reaches the journal soon after.
+        entries = wait_for(lambda: sd.ctl("-t", "smtp521", "-o", "json", tool="journalctl").stdout.splitlines())
         entries = [json.loads(e) for e in entries]
         assert len(entries) == 1, entries
         e = entries[0]
