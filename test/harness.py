@@ -56,11 +56,18 @@ def cut_by(timeout):
     return 2 * timeout + 1.5
 
 
+# The replies of `-H mx.test`, the one home of their text outside the
+# scripted sessions (test/sessions) and unit.cpp: the rcpt mode's, then the
+# 521 modes' (no enhanced codes: RFC 2034 3 (4), no extension offered).
 GREET = b"220 mx.test ESMTP does not accept mail\r\n"
-BYE = b"221 2.0.0 mx.test closing connection\r\n"
+EHLO = b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
+OK_MAIL = b"250 2.1.0 Ok\r\n"
 REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
+BYE = b"221 2.0.0 mx.test closing connection\r\n"
+GREET_521 = b"521 mx.test does not accept mail\r\n"
+BYE_521 = b"221 mx.test closing connection\r\n"
 SESSION_IN = crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<b@mx.test>", "QUIT")
-SESSION_OUT = GREET + b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n250 2.1.0 Ok\r\n" + REFUSAL + BYE
+SESSION_OUT = GREET + EHLO + OK_MAIL + REFUSAL + BYE
 
 
 # ------------------------------------------------------------ what a test needs

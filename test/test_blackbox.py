@@ -1,32 +1,39 @@
 """The real binary, started as a super-server starts it: fds 0 and 1 are one
 end of a socketpair or of an accepted loopback TCP connection."""
+import fcntl
+import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
 
-from harness import GREET, LOG_FIELDS, Child, crlf, cut_by, default_name, fields
+from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, Child, crlf,
+                     cut_by, default_name, fields)
 
-GREET_521 = b"521 mx.test does not accept mail\r\n"
-REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
-BYE = b"221 2.0.0 mx.test closing connection\r\n"
-BYE_521 = b"221 mx.test closing connection\r\n"
-EHLO = b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
 ENV = {"PATH": "/usr/bin:/bin"}
 
 
+def log_fields(stderr):
+    """The fields of the one log line in `stderr`, and their order."""
+    line = stderr.decode("ascii")
+    assert line.count("\n") == 1 and line.endswith("\n"), f"one log line expected: {line!r}"
+    pairs = [f.split("=", 1) for f in line.rstrip("\n").split(" ")]
+    assert all(len(p) == 2 for p in pairs), line
+    return dict(pairs), [k for k, _ in pairs]
+
+
 def log_of(child):
-    text = child.stderr.decode("ascii")
-    assert text.count("\n") == 1 and text.endswith("\n"), f"one log line expected: {text!r}"
-    return fields(text.rstrip("\n"))
+    return log_fields(child.stderr)[0]
 
 
 def test_dialog_over_a_socket(binary):
     c = Child(binary, ["-H", "mx.test", "-l", "stderr"])
     c.send(crlf("EHLO a", "MAIL FROM:<x@y>", "RCPT TO:<u@v>", "DATA", "QUIT"))
     out = c.read_until_eof()
-    assert out == GREET + EHLO + b"250 2.1.0 Ok\r\n" + REFUSAL + REFUSAL + BYE, out
+    assert out == GREET + EHLO + OK_MAIL + REFUSAL + REFUSAL + BYE, out
     assert c.wait() == 0
     log = log_of(c)
     assert log["end"] == "quit" and log["commands"] == "5" and log["rcpt"] == "<u@v>", log
@@ -226,7 +233,7 @@ def test_peer_address_from_getpeername(binary):
 
 
 def run_pipe(binary, args, stdin=b"", env=None):
-    return subprocess.run([binary] + args, input=stdin, capture_output=True, timeout=10,
+    return subprocess.run([binary] + args, input=stdin, capture_output=True, timeout=30,
                           env=env if env is not None else ENV)
 
 
@@ -309,7 +316,7 @@ def test_help_and_version(binary):
 def test_default_hostname_is_the_mailname_or_the_kernels(binary):
     p = run_pipe(binary, ["-l", "none"], crlf("QUIT"))
     name = default_name()
-    assert p.stdout == b"220 " + name + b" ESMTP does not accept mail\r\n221 2.0.0 " + name + b" closing connection\r\n"
+    assert p.stdout == (GREET + BYE).replace(b"mx.test", name), p.stdout
 
 
 def test_long_options_work(binary):
@@ -317,3 +324,146 @@ def test_long_options_work(binary):
                           "--timeout", "5", "--max-commands", "2", "--log", "stderr"], crlf("NOOP", "NOOP", "NOOP"))
     assert p.stdout == (b"521 mx.test no mail here\r\n" * 3), p.stdout
     assert fields(p.stderr.decode().rstrip())["end"] == "limit"
+
+
+# ------------------------------------------------------------ the log line, the backstop, the host's name
+
+def test_worst_case_log_line_keeps_every_field(binary):
+    # Five hostile arguments of the longest line (each octet escapes to
+    # four), a fourth RCPT, and a hostile REMOTE_ADDR: today's line was cut
+    # at 2048 octets in the middle of an escape, and rcpts= was gone.
+    junk = b"\x01" * 505  # "HELO " + 505 = 510 octets, the longest command line
+    stdin = b"HELO " + junk + b"\r\nMAIL " + junk + b"\r\n" + b"".join(b"RCPT " + junk + b"\r\n" for _ in range(4))
+    env = dict(ENV, REMOTE_ADDR=":" * 300, REMOTE_PORT="\x7f" * 300)
+    p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], stdin + b"QUIT\r\n", env)
+    assert p.returncode == 0
+    f, order = log_fields(p.stderr)
+    assert order == LOG_FIELDS, order
+    assert f["rcpts"] == "4" and f["end"] == "quit" and f["commands"] == "7", f
+    cut = "\\x01" * 25 + "..."
+    assert f["helo"] == cut and f["mail"] == cut and f["rcpt"] == ",".join([cut] * 3), f
+    assert f["peer"] == "[" + ":" * 64 + "...]:" + "\\x7f\\x7f...", f["peer"]
+    # With room for one more field, the line fits one RFC 3164 packet.
+    assert len(p.stderr) < 1024 - 40, len(p.stderr)
+
+
+def test_closed_stdin_ends_at_once(binary):
+    # fd 0 closed: poll() says POLLNVAL.  The session must end with
+    # read-error at once (not spin on a stale errno until the deadline).
+    t0 = time.monotonic()
+    p = subprocess.run(["/bin/sh", "-c", 'exec "$0" -H mx.test -t 60 -l stderr 0<&-', binary],
+                       capture_output=True, timeout=30, env=ENV)
+    took = time.monotonic() - t0
+    assert p.returncode == 0
+    assert p.stdout == GREET
+    assert log_fields(p.stderr)[0]["end"] == "read-error"
+    assert took < 60 / 4, took  # far from the deadline
+
+
+def fill_pipe():
+    """A pipe whose buffer is full: (read end, write end, octets in it)."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+    n = 0
+    try:
+        while True:
+            n += os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    fcntl.fcntl(w, fcntl.F_SETFL, 0)
+    return r, w, n
+
+
+def current_syscall(pid):
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary):
+    # The log target (stderr, a pipe nobody reads) blocks the session's log
+    # line past the deadline.  The alarm, 2 s after it, must write its
+    # prepared line (end=alarm) and exit 0, not die of SIGALRM silently.
+    r, w, filled = fill_pipe()
+    t0 = time.monotonic()
+    p = subprocess.Popen([binary, "-H", "mx.test", "-t", "1", "-l", "stderr"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=w, env=ENV)
+    os.close(w)
+    # Wait until the handler runs: the process, blocked in write(2) (1),
+    # is then in poll(2) (7, or ppoll 271) waiting for the pipe.  Only then
+    # make room: earlier, the blocked write would simply complete.
+    seen = []
+    while p.poll() is None and time.monotonic() - t0 < 20:
+        call = current_syscall(p.pid)
+        if call and (not seen or seen[-1] != call):
+            seen.append(call)
+        if "1" in seen and call in ("7", "271"):
+            break
+        time.sleep(0.005)
+    # Make room, then read until the process has exited and the pipe is empty.
+    data = b""
+    fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        exited = p.poll() is not None
+        try:
+            chunk = os.read(r, 1 << 16)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            data += chunk
+        elif exited or chunk == b"":
+            break
+        else:
+            time.sleep(0.005)
+    status = p.wait(timeout=20)
+    os.close(r)
+    took = time.monotonic() - t0
+    assert status == 0, (status, seen)
+    line = data[filled:]
+    f, order = log_fields(line)
+    assert order == LOG_FIELDS and f["end"] == "alarm", line
+    assert took >= 2.5, took  # the alarm comes 2 s after the 1 s deadline
+
+
+def in_private_etc(binary, script_before, args, stdin, hostname="kernel.test"):
+    """Run the binary in a private mount and UTS namespace: the kernel's
+    host name is `hostname`, /etc is an overlay of the real one where
+    `script_before` (sh) may write; nothing on the host changes.
+    test/private-mounts makes the namespace's mounts private, in a chroot too."""
+    d = tempfile.mkdtemp(prefix="smtp521-etc-")
+    try:
+        os.mkdir(os.path.join(d, "u"))
+        os.mkdir(os.path.join(d, "w"))
+        script = ('hostname "$3" && mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/u,workdir=$1/w" /etc && '
+                  + script_before + ' && shift 3 && exec "$@"')
+        return subprocess.run(["unshare", "--mount", "--uts", "--propagation", "unchanged", PRIVATE, "sh", "-ec", script, "sh",
+                               d, binary, hostname, binary] + args,
+                              input=stdin, capture_output=True, timeout=30, env=ENV)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.needs("root", "mountns")
+def test_default_hostname_is_etc_mailname(binary):
+    p = in_private_etc(binary, 'printf "mx.mailname.test\\n" > /etc/mailname', ["-l", "none"], crlf("EHLO c", "QUIT"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(b"220 mx.mailname.test ESMTP "), p.stdout
+    assert b"250-mx.mailname.test\r\n" in p.stdout and b"221 2.0.0 mx.mailname.test " in p.stdout, p.stdout
+
+
+@pytest.mark.needs("root", "mountns")
+def test_default_hostname_falls_back_to_the_kernels(binary):
+    p = in_private_etc(binary, 'rm -f /etc/mailname', ["-l", "none"], crlf("QUIT"))
+    assert p.stdout == (GREET + BYE).replace(b"mx.test", b"kernel.test"), p.stdout
+    p = in_private_etc(binary, 'printf "two words\\n" > /etc/mailname', ["-l", "none"], crlf("QUIT"))
+    assert p.stdout.startswith(b"220 kernel.test "), p.stdout
+
+
+@pytest.mark.needs("root", "mountns")
+def test_hostname_option_wins_over_etc_mailname(binary):
+    p = in_private_etc(binary, 'printf "mx.mailname.test\\n" > /etc/mailname', ["-H", "mx.test", "-l", "none"],
+                       crlf("QUIT"))
+    assert p.stdout == GREET + BYE, p.stdout

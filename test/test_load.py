@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import LOG_FIELDS, Server, children, crlf, fields, free_port
+from harness import BYE, GREET, LOG_FIELDS, SESSION_IN, SESSION_OUT, Server, children, crlf, fields, free_port
 
 DEADLINE = 3  # smtp521 -t; the whole suite takes about two deadlines
 # How late after its deadline a session may end: a busy machine (500
@@ -20,9 +20,6 @@ LATE = DEADLINE
 # this long: the process may start late (one super-server spawning 500 on
 # a busy machine), and its deadline counts from its start.
 PATIENCE = DEADLINE + 60
-GREET = b"220 mx.test ESMTP does not accept mail\r\n"
-BYE = b"221 2.0.0 mx.test closing connection\r\n"
-FULL_OUT = GREET + b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n250 2.1.0 Ok\r\n521 5.3.2 mx.test does not accept mail\r\n" + BYE
 KINDS = {"full": 250, "silent": 150, "slowloris": 25, "flooder": 25, "resetter": 25, "halfclose": 25}
 pytestmark = pytest.mark.needs("systemd-socket-activate")
 
@@ -54,9 +51,9 @@ def client(kind, port, results):
         s = connect(port)
         outcome = {"kind": kind}
         if kind == "full":
-            s.sendall(crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<b@mx.test>", "QUIT"))
+            s.sendall(SESSION_IN)
             outcome["out"], outcome["close"] = read_all(s)
-            outcome["ok"] = outcome["out"] == FULL_OUT
+            outcome["ok"] = outcome["out"] == SESSION_OUT
         elif kind == "silent":
             outcome["out"], outcome["close"] = read_all(s)
             outcome["ok"] = outcome["out"] == GREET

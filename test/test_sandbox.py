@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from harness import ROOT, Child, build, crlf, fields
+from harness import BYE, BYE_521, GREET, ROOT, Child, build, crlf, fields
 
 BINARIES = [build("smtp521"), build("smtp521-asan")]
 # i386's glibc sends socket calls through socketcall(2), which the filter
@@ -42,11 +42,11 @@ def test_filter_is_on_while_the_session_waits(name):
     c = Child(binary_path(name), ["-H", "mx.test", "-l", "stderr"])
     try:
         greeting = c.read_lines(1)
-        assert greeting == b"220 mx.test ESMTP does not accept mail\r\n", greeting
+        assert greeting == GREET, greeting
         assert seccomp_state(c.proc.pid) == 2
         c.send(SESSION)
         out = c.read_until_eof()
-        assert out.endswith(b"221 2.0.0 mx.test closing connection\r\n"), out
+        assert out.endswith(BYE), out
         assert c.wait() == 0
         assert fields(c.stderr.decode().strip())["sandbox"] == "on", c.stderr
     finally:
@@ -81,7 +81,7 @@ def scenario_pipe(binary, trace):
     p = subprocess.run(traced([binary, "-H", "mx.test", "-l", "stderr"], trace), input=SESSION,
                        capture_output=True, timeout=30, env=TRACED_ENV)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.endswith(b"221 2.0.0 mx.test closing connection\r\n"), p.stdout
+    assert p.stdout.endswith(BYE), p.stdout
     return p.stderr.decode()
 
 
@@ -103,14 +103,14 @@ def child_scenario(binary, trace, args, script, sock_kind="pair"):
 def full_session(c):
     c.send(SESSION)
     out = c.read_until_eof()
-    assert re.search(rb"\r\n221 (2\.0\.0 )?mx\.test closing connection\r\n$", out), out
+    assert out.endswith((b"\r\n" + BYE, b"\r\n" + BYE_521)), out
 
 
 def pipelined_after_quit(c):
     # QUIT with more data behind it: the drain reads it (recv) before close.
     c.send(SESSION + b"NOOP\r\n" * 2000)
     out = c.read_until_eof()
-    assert b"221 2.0.0 mx.test closing connection\r\n" in out, out
+    assert BYE in out, out
 
 
 def silent_until_timeout(c):
