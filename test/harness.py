@@ -151,6 +151,38 @@ def _i386():
     return None
 
 
+def systemd_version():
+    """The major version of /lib/systemd/systemd (0 if it cannot say)."""
+    try:
+        out = subprocess.run(["/lib/systemd/systemd", "--version"], capture_output=True, text=True,
+                             timeout=30).stdout.split()
+        return int(out[1])
+    except (OSError, subprocess.TimeoutExpired, IndexError, ValueError):
+        return 0
+
+
+def _cpu_quota():
+    """systemd can enforce CPUQuota= here: the cpu controller is on the
+    cgroup v2 hierarchy, or on cgroup v1 beside it (a hybrid layout) with
+    a systemd that still manages v1 (before 256)."""
+    v2, _ = cgroup_mounts()
+    controllers = ""
+    if v2:
+        try:
+            with open(os.path.join(v2, "cgroup.controllers")) as f:
+                controllers = f.read()
+        except OSError:
+            pass
+    if "cpu" in controllers.split():
+        return None
+    on_v1 = any(fstype == "cgroup" and "cpu" in opts for _, fstype, opts in cgroup_hierarchies())
+    version = systemd_version()
+    if on_v1 and version >= 256:
+        return HOST_LIMIT + (f"the cpu controller is bound to cgroup v1 here, and systemd {version} "
+                             "manages cgroup v2 only: CPUQuota= cannot be enforced")
+    return None if on_v1 else "no cpu controller in any cgroup hierarchy"
+
+
 def _fuzz():
     if not os.access(os.path.join(ROOT, "test", "fuzz"), os.X_OK):
         return "needs test/fuzz, built with clang (apt-get install clang libclang-rt-dev; make test/fuzz)"
@@ -177,6 +209,7 @@ CAPABILITIES = {
     "needs openbsd-inetd (/usr/sbin/inetd)",
     "tcpserver": lambda: _tool_reason("tcpserver", "ucspi-tcp"),
     "i386": _i386,
+    "cpu-quota": _cpu_quota,
     "strace": lambda: _tool_reason("strace", "strace"),
     "man": lambda: _tool_reason("man", "man-db"),
     "unshare": lambda: _tool_reason("unshare", "util-linux"),
@@ -337,7 +370,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def talk(port, data, host="127.0.0.1", family=socket.AF_INET, timeout=10):
+def talk(port, data, host="127.0.0.1", family=socket.AF_INET, timeout=30):
     """Connect, send, read to EOF; return (reply bytes, our local port)."""
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

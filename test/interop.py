@@ -109,12 +109,19 @@ CREATED = ["/etc/aliases", "/etc/aliases.db", "/etc/mailname"]
 # sendmail's postinst makes TLS certificates and links them here; its purge
 # leaves the links.
 CERTS = "/etc/ssl/certs"
-# Each MTA's setgid/setuid files and spool directories, as Debian 12 ships
-# them (in the package, or by dpkg-statoverride in its postinst).
+# The mail spool: an MTA's postinst may change its mode (on Debian 13 one
+# leaves /var/mail 3777), and its purge does not change it back.
+MAIL_DIRS = ["/var/mail"]
+# Each MTA's setgid/setuid files and spool directories, as Debian ships
+# them (in the package, or by dpkg-statoverride in its postinst).  Postfix
+# on Debian 13 makes its queue directories when it first starts, not at
+# install.
+with open("/etc/debian_version") as f:
+    RELEASE = f.read().split(".")[0]  # "12", "13"
 PRIVILEGED = {
     "Postfix": {"/usr/sbin/postdrop": "2555 root:postdrop", "/usr/sbin/postqueue": "2555 root:postdrop",
-                "/var/spool/postfix/maildrop": "1730 postfix:postdrop",
-                "/var/spool/postfix/public": "2710 postfix:postdrop"},
+                **({"/var/spool/postfix/maildrop": "1730 postfix:postdrop",
+                    "/var/spool/postfix/public": "2710 postfix:postdrop"} if RELEASE == "12" else {})},
     "Exim": {"/usr/sbin/exim4": "4755 root:root"},
     "OpenSMTPD": {"/usr/sbin/smtpctl": "2755 root:opensmtpq"},
     "sendmail": {"/usr/libexec/sendmail/sendmail": "2755 root:smmsp",
@@ -157,7 +164,9 @@ def accounts():
 
 
 def backup_created():
-    saved = {CERTS: set(os.listdir(CERTS)) if os.path.isdir(CERTS) else set(), "accounts": accounts()}
+    saved = {CERTS: set(os.listdir(CERTS)) if os.path.isdir(CERTS) else set(), "accounts": accounts(),
+             "dirs": {d: (lambda st: (st.st_mode, st.st_uid, st.st_gid))(os.stat(d))
+                      for d in MAIL_DIRS if os.path.isdir(d)}}
     for path in CREATED:
         try:
             st = os.lstat(path)
@@ -175,6 +184,10 @@ def restore_created(saved):
         link = os.path.join(CERTS, name)
         if os.path.islink(link) and not os.path.exists(link):
             os.remove(link)
+    for d, (mode, uid, gid) in saved.pop("dirs").items():
+        if os.path.isdir(d):
+            os.chown(d, uid, gid)
+            os.chmod(d, stat.S_IMODE(mode))
     users, groups = saved.pop("accounts")
     now_users = accounts()[0]
     for user in sorted(now_users - users):
