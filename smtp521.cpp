@@ -162,29 +162,29 @@ constexpr std::string_view tail(std::string_view s, std::size_t from) {
 using Reply = Text<max_reply>;
 
 // The verbs the table tells apart (RFC 5321 4.1.1); every other line is
-// `other`.
-enum class Verb { other, helo, ehlo, mail, rcpt, rset, noop, quit };
+// `other`.  `count` is no verb: it counts them, and stays last.
+enum class Verb { other, helo, ehlo, mail, rcpt, rset, noop, quit, count };
+constexpr std::size_t verb_count = static_cast<std::size_t>(Verb::count);
+
+// True if entry i of `table` holds the enumerator of value first + i, and
+// the table runs up to the enum's `count`.
+template <class Entry, std::size_t N, class Enum>
+constexpr bool in_enum_order(const Entry (&table)[N], Enum Entry::*member, std::size_t first) {
+    for (std::size_t i = 0; i < N; ++i)
+        if (static_cast<std::size_t>(table[i].*member) != first + i) return false;
+    return first + N == static_cast<std::size_t>(Enum::count);
+}
 
 struct Command {
     std::string_view name;  // upper case; RFC 5321 2.4: matched case-insensitively
     Verb verb;
 };
-// Every verb but `other`, in the enum's order: the table is the enum's
-// count, and the static_assert below keeps the two equal.
+// Every verb but `other`, in the enum's order.
 constexpr Command commands[] = {
     {"HELO", Verb::helo}, {"EHLO", Verb::ehlo}, {"MAIL", Verb::mail}, {"RCPT", Verb::rcpt},
     {"RSET", Verb::rset}, {"NOOP", Verb::noop}, {"QUIT", Verb::quit},
 };
-constexpr std::size_t verb_count = 1 + std::size(commands);  // with `other`
-
-// True if entry i of `table` holds the enumerator of value i + first.
-template <class Entry, std::size_t N, class Enum>
-constexpr bool in_enum_order(const Entry (&table)[N], Enum Entry::*member, std::size_t first, Enum last) {
-    for (std::size_t i = 0; i < N; ++i)
-        if (static_cast<std::size_t>(table[i].*member) != i + first) return false;
-    return static_cast<std::size_t>(last) + 1 == N + first;
-}
-static_assert(in_enum_order(commands, &Command::verb, 1, Verb::quit), "one command per Verb, in order, quit last");
+static_assert(in_enum_order(commands, &Command::verb, 1), "one command per Verb but other, in the enum's order");
 
 // The whole protocol of one mode, after rblsmtpd's smtpcommands[]: the
 // greeting, whether the session ends with it, and the reply to each verb.
@@ -251,10 +251,11 @@ bool build_replies(const Options& options, Replies& r) {
 
 // ---------------------------------------------------------------- session
 
-enum class EndReason { none, quit, eof, timeout, limit, http, tls, close, read_error, write_error, alarm };
+// `count` is no reason: it counts them, and stays last.
+enum class EndReason { none, quit, eof, timeout, limit, http, tls, close, read_error, write_error, alarm, count };
 
-// The log line's end= value of each reason, in the enum's order (`alarm`
-// last); the static_assert keeps table and enum equal.
+// The log line's end= value of each reason, in the enum's order; the
+// static_assert keeps table and enum equal.
 struct EndReasonName {
     EndReason reason;
     std::string_view name;
@@ -265,8 +266,7 @@ constexpr EndReasonName end_reasons[] = {
     {EndReason::tls, "tls"},     {EndReason::close, "close"},       {EndReason::read_error, "read-error"},
     {EndReason::write_error, "write-error"}, {EndReason::alarm, "alarm"},
 };
-static_assert(in_enum_order(end_reasons, &EndReasonName::reason, 0, EndReason::alarm),
-              "one name per EndReason, in order, alarm last");
+static_assert(in_enum_order(end_reasons, &EndReasonName::reason, 0), "one name per EndReason, in the enum's order");
 
 constexpr std::string_view end_reason_name(EndReason reason) {
     return end_reasons[static_cast<std::size_t>(reason)].name;
