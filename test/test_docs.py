@@ -57,6 +57,8 @@ def tables(tmp_path_factory):
         "    for (const auto& r : smtp521::end_reasons)\n"
         "        std::printf(\"end %.*s\\n\", static_cast<int>(r.name.size()), r.name.data());\n"
         "    for (int nr : smtp521::allowed_syscalls) std::printf(\"call %d\\n\", nr);\n"
+        "    std::printf(\"alarm %d\\nwait %d\\ndrain %lld\\n\", smtp521::backstop_seconds,\n"
+        "                smtp521::backstop_wait_seconds, smtp521::drain_ms);\n"
         "}\n")
     subprocess.run([cxx, "-std=c++17", "-DSMTP521_VERSION=\"docs\"", "-o", str(work / "tables"), str(src)],
                    check=True, capture_output=True, text=True)
@@ -67,7 +69,8 @@ def tables(tmp_path_factory):
     names = {int(n): name for name, n in re.findall(r"^#define __NR_(\w+) (\d+)$", macros, re.M)}
     lines = [line.split(" ", 1) for line in out.splitlines()]
     return {"end": [v for k, v in lines if k == "end"],
-            "calls": [names[int(v)] for k, v in lines if k == "call"]}
+            "calls": [names[int(v)] for k, v in lines if k == "call"],
+            **{k: int(v) for k, v in lines if k in ("alarm", "wait", "drain")}}
 
 
 def test_man_page_documents_every_end_reason(tables):
@@ -84,6 +87,23 @@ def test_man_page_lists_the_filters_calls(tables):
     listed = re.search(r"The filter allows only the calls a session makes: (.*?)\.\n", MAN, re.S).group(1)
     listed = set(re.findall(r"\w+", listed)) - {"and"}
     assert listed == set(calls), listed ^ set(calls)
+
+
+def test_the_times_past_the_deadline_are_the_programs(tables):
+    # The alarm, its wait for the log, and so the most a process outlives
+    # its deadline, which the unit's RuntimeMaxSec= must allow for.
+    words = {1: "a second", 2: "2 seconds", 3: "3 seconds"}
+    man = " ".join(MAN.split())
+    alarm, wait = tables["alarm"], tables["wait"]
+    assert f"an alarm {words[alarm]} after the deadline" in man, (alarm, man)
+    assert f"waited at most {words[wait]} for the log" in man, (wait, man)
+    assert f"at most {words[alarm + wait]} after its deadline" in man
+    service = " ".join(read("smtp521@.service").replace("#", " ").split())
+    assert f"at most {alarm + wait} s later" in service
+    runtime = int(re.search(r"^RuntimeMaxSec=(\d+)$", read("smtp521@.service"), re.M).group(1))
+    assert f"above {runtime - alarm - wait} needs" in man, runtime
+    # The drain before close.
+    assert tables["drain"] == 500 and "at most half a second" in man, tables["drain"]
 
 
 # ------------------------------------------------------------ the binary's own output
