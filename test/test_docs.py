@@ -232,3 +232,16 @@ def test_readme_is_short_and_points_to_the_man_page():
     assert "man 8 smtp521" in readme or "smtp521(8)" in readme
     # make readme splices the interop table between these markers.
     assert readme.count("<!-- interop:begin -->\n") == 1 and readme.count("<!-- interop:end -->") == 1
+
+
+def test_readme_shows_what_the_binary_prints(smtp521):
+    # The README's sample session is the binary's output (the duration aside).
+    readme = read("README.md")
+    block = re.search(r"^```\n\$ printf '(.*?)' \| \./smtp521 (.*?)\n(.*?)^```$", readme, re.M | re.S)
+    assert block, "no sample session in README.md"
+    session = block.group(1).encode().decode("unicode_escape").encode()
+    p = subprocess.run([smtp521] + block.group(2).split(), input=session, capture_output=True, timeout=30)
+    shown = block.group(3).splitlines()
+    printed = p.stdout.decode().split("\r\n")[:-1] + p.stderr.decode().splitlines()
+    duration = re.compile(r"duration=\d+\.\d+")
+    assert [duration.sub("duration=-", line) for line in printed] == [duration.sub("duration=-", line) for line in shown]
