@@ -24,9 +24,9 @@ WARN     = -std=c++17 -Wall -Wextra -Wpedantic -Wshadow -Wconversion
 HARDEN   = -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fstack-clash-protection -fPIE
 LDHARDEN = -Wl,-z,relro -Wl,-z,now -Wl,-z,noexecstack
 # Static PIE by default: a process per connection spends most of its life
-# starting, and dynamic loading of libstdc++ doubles that (make bench);
-# PIE keeps the binary's address randomized.  LINKMODE=-pie links
-# dynamically.
+# starting, and loading libstdc++ dynamically makes that longer (make bench;
+# the figures: test/bench/RESULTS.md).  PIE keeps the address randomized.
+# LINKMODE=-pie links dynamically.
 LINKMODE ?= -static-pie
 SANITIZE = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 

@@ -7,8 +7,9 @@
 // and exits.  Standards: RFC 1846, RFC 7504, RFC 5321, RFC 2034.
 //
 // Read top to bottom: options, fixed buffers, the reply table of each mode,
-// the session state machine (pure, no I/O), the I/O loop, logging, the
-// alarm backstop, main.
+// the session (pure, no I/O: bytes in, replies and an end reason out), the
+// I/O loop, logging, the alarm backstop, the confinement (a seccomp filter
+// installed before the first byte from the client), option parsing and main.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -43,6 +44,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string_view>
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/lsan_interface.h>
@@ -160,18 +162,29 @@ constexpr std::string_view tail(std::string_view s, std::size_t from) {
 using Reply = Text<max_reply>;
 
 // The verbs the table tells apart (RFC 5321 4.1.1); every other line is
-// `other`.
-enum class Verb { other, helo, ehlo, mail, rcpt, rset, noop, quit };
-constexpr std::size_t verb_count = 8;
+// `other`.  `count` is no verb: it counts them, and stays last.
+enum class Verb { other, helo, ehlo, mail, rcpt, rset, noop, quit, count };
+constexpr std::size_t verb_count = static_cast<std::size_t>(Verb::count);
+
+// True if entry i of `table` holds the enumerator of value first + i, and
+// the table runs up to the enum's `count`.
+template <class Entry, std::size_t N, class Enum>
+constexpr bool in_enum_order(const Entry (&table)[N], Enum Entry::*member, std::size_t first) {
+    for (std::size_t i = 0; i < N; ++i)
+        if (static_cast<std::size_t>(table[i].*member) != first + i) return false;
+    return first + N == static_cast<std::size_t>(Enum::count);
+}
 
 struct Command {
     std::string_view name;  // upper case; RFC 5321 2.4: matched case-insensitively
     Verb verb;
 };
+// Every verb but `other`, in the enum's order.
 constexpr Command commands[] = {
     {"HELO", Verb::helo}, {"EHLO", Verb::ehlo}, {"MAIL", Verb::mail}, {"RCPT", Verb::rcpt},
     {"RSET", Verb::rset}, {"NOOP", Verb::noop}, {"QUIT", Verb::quit},
 };
+static_assert(in_enum_order(commands, &Command::verb, 1), "one command per Verb but other, in the enum's order");
 
 // The whole protocol of one mode, after rblsmtpd's smtpcommands[]: the
 // greeting, whether the session ends with it, and the reply to each verb.
@@ -238,32 +251,31 @@ bool build_replies(const Options& options, Replies& r) {
 
 // ---------------------------------------------------------------- session
 
-enum class EndReason { none, quit, eof, timeout, limit, http, tls, close, read_error, write_error, alarm };
-constexpr EndReason end_reasons[] = {EndReason::none,  EndReason::quit,       EndReason::eof,
-                                     EndReason::timeout, EndReason::limit,    EndReason::http,
-                                     EndReason::tls,   EndReason::close,      EndReason::read_error,
-                                     EndReason::write_error, EndReason::alarm};
+// `count` is no reason: it counts them, and stays last.
+enum class EndReason { none, quit, eof, timeout, limit, http, tls, close, read_error, write_error, alarm, count };
+
+// The log line's end= value of each reason, in the enum's order; the
+// static_assert keeps table and enum equal.
+struct EndReasonName {
+    EndReason reason;
+    std::string_view name;
+};
+constexpr EndReasonName end_reasons[] = {
+    {EndReason::none, "none"},   {EndReason::quit, "quit"},         {EndReason::eof, "eof"},
+    {EndReason::timeout, "timeout"}, {EndReason::limit, "limit"},   {EndReason::http, "http"},
+    {EndReason::tls, "tls"},     {EndReason::close, "close"},       {EndReason::read_error, "read-error"},
+    {EndReason::write_error, "write-error"}, {EndReason::alarm, "alarm"},
+};
+static_assert(in_enum_order(end_reasons, &EndReasonName::reason, 0), "one name per EndReason, in the enum's order");
 
 constexpr std::string_view end_reason_name(EndReason reason) {
-    switch (reason) {
-    case EndReason::none: return "none";
-    case EndReason::quit: return "quit";
-    case EndReason::eof: return "eof";
-    case EndReason::timeout: return "timeout";
-    case EndReason::limit: return "limit";
-    case EndReason::http: return "http";
-    case EndReason::tls: return "tls";
-    case EndReason::close: return "close";
-    case EndReason::read_error: return "read-error";
-    case EndReason::write_error: return "write-error";
-    case EndReason::alarm: return "alarm";
-    }
-    return "none";
+    return end_reasons[static_cast<std::size_t>(reason)].name;
 }
 
-// Replies waiting to be written.  Its size is one pipe buffer (PIPE_BUF), so
-// one write of it never blocks on a pipe that poll() called writable.
-using Output = Text<4096>;
+// Replies waiting to be written: one pipe buffer (PIPE_BUF), since
+// write_all() writes at most that much at once, which a pipe that poll()
+// called writable takes without blocking.
+using Output = Text<PIPE_BUF>;
 static_assert(Output::capacity >= 2 * max_reply, "room for the greeting and a reply");
 
 // What the client tried, for the log line: bounded copies of its words.
@@ -592,7 +604,7 @@ constexpr std::size_t int_width = 1 + digits(INT_MAX);  // with a sign
 
 constexpr std::size_t end_name_max() {
     std::size_t n = 0;
-    for (EndReason r : end_reasons) n = std::max(n, end_reason_name(r).size());
+    for (const EndReasonName& r : end_reasons) n = std::max(n, r.name.size());
     return n;
 }
 
@@ -739,10 +751,13 @@ void write_stderr(std::string_view line) {
     }
 }
 
-// LOG_NDELAY: connect to /dev/log now, while the process may still create
-// a socket; the confined process only sends on it.
+// LOG_NDELAY: connect to /dev/log now.  main() calls this before the
+// sandbox, which refuses socket() and connect(): the confined process only
+// sends on the socket made here, and if that send fails (the syslog daemon
+// restarted), syslog(3)'s reconnection is refused and the line is lost.
 void open_syslog() { openlog("smtp521", LOG_PID | LOG_NDELAY, LOG_MAIL); }
 
+// For LogTarget::syslog, main() has called open_syslog() already.
 void emit_log(LogTarget target, int priority, std::string_view line) {
     if (target == LogTarget::none) return;
     if (target == LogTarget::stderr_) {
@@ -751,7 +766,6 @@ void emit_log(LogTarget target, int priority, std::string_view line) {
         with_newline.append("\n");
         return write_stderr(with_newline.view());
     }
-    open_syslog();
     syslog(priority, "%.*s", static_cast<int>(line.size()), line.data());
 }
 
@@ -759,11 +773,15 @@ void emit_log(LogTarget target, int priority, std::string_view line) {
 
 // Every wait of a session ends at the deadline (wait_for), so only logging
 // can block past it: a syslog daemon or a journal that stopped reading.
-// alarm() ends the process 2 s after the deadline all the same.  Its handler
-// writes a line prepared in advance, the session's with end=alarm, to the
-// log target, waits for that target at most a second, and exits 0 like any
-// session.  A target still stuck then loses the line: nothing else could
+// alarm() ends the process backstop_seconds after the deadline all the
+// same.  Its handler writes a line prepared in advance, the session's with
+// end=alarm, to the log target, waits for that target at most
+// backstop_wait_seconds, and exits 0 like any session: a process ends at
+// most 3 s after its deadline (smtp521@.service's RuntimeMaxSec= allows for
+// it).  A target still stuck then loses the line: nothing else could
 // take it.  The handler does only async-signal-safe calls (POSIX 2.4.3).
+constexpr int backstop_seconds = 2, backstop_wait_seconds = 1;
+
 struct Backstop {
     static constexpr std::size_t message_max = syslog_header_max + LogLine::capacity + 1;
     Text<message_max> message[2];  // one is prepared while the handler may read the other
@@ -775,13 +793,12 @@ struct Backstop {
 };
 Backstop backstop;
 
-// A datagram socket for the handler, with a one-second send timeout: the
-// handler only sends on it.
+// A datagram socket for the handler, with a send timeout of
+// backstop_wait_seconds: the handler only sends on it.
 void open_backstop_socket() {
     backstop.socket = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    const timeval one_second{1, 0};
-    if (backstop.socket >= 0 &&
-        setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &one_second, sizeof one_second) != 0) {
+    const timeval wait{backstop_wait_seconds, 0};
+    if (backstop.socket >= 0 && setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait) != 0) {
         close(backstop.socket);
         backstop.socket = -1;
     }
@@ -799,7 +816,7 @@ extern "C" void on_alarm(int) {
             // Never blocks: a socket is sent to with MSG_DONTWAIT, and a
             // pipe that polls writable takes a write of up to PIPE_BUF.
             pollfd p{2, POLLOUT, 0};
-            if (poll(&p, 1, 1000) == 1 && (p.revents & POLLOUT) != 0 &&
+            if (poll(&p, 1, backstop_wait_seconds * 1000) == 1 && (p.revents & POLLOUT) != 0 &&
                 send(2, m.bytes, m.length, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 && errno == ENOTSOCK)
                 (void)!write(2, m.bytes, m.length);
         }
@@ -1143,7 +1160,6 @@ int main(int argc, char** argv) {
     struct sigaction on_alarm_action{};
     on_alarm_action.sa_handler = on_alarm;
     sigaction(SIGALRM, &on_alarm_action, nullptr);
-    constexpr int backstop_seconds = 2;
     alarm(static_cast<unsigned>(options.timeout_seconds + backstop_seconds));
     // Nothing from the client has been read yet.
     backstop.sandbox = confine();

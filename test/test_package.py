@@ -437,11 +437,14 @@ def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
         # The port the socket has (a drop-in may have moved it), not 25.
         assert f"could not listen on port {port}," in msg and f"sport = :{port}`" in msg, msg
         assert "README.Debian" in msg, msg
-        # The commands of the message, with 127.0.0.2 as the public address.
-        m = re.search(r"^ +(mkdir -p /etc/systemd/system/smtp521\.socket\.d\n.*?systemctl restart smtp521\.socket)$",
-                      msg, re.M | re.S)
-        assert m, msg
-        commands = m.group(1).replace(f"192.0.2.1:{port}", f"127.0.0.2:{port}")
+        # It points to the drop-in's one home, the man page; the commands
+        # there, from the package's page, with 127.0.0.2 as the address.
+        assert "man 8 smtp521" in msg and '"Listening on one address"' in " ".join(msg.split()), msg
+        with gzip.open(package.path("usr/share/man/man8/smtp521.8.gz"), "rt") as f:
+            man = f.read()
+        m = re.search(r"^\.Ss Listening on one address\n.*?^\.Bd -literal[^\n]*\n(.*?)^\.Ed$", man, re.M | re.S)
+        assert m and "ListenStream=192.0.2.1:25\n" in m.group(1), man
+        commands = m.group(1).replace("\\e", "\\").replace("\\&", "").replace("192.0.2.1:25", f"127.0.0.2:{port}")
         p = ns.sh(commands)
         assert p.returncode == 0, p.stderr
         assert wait_state(ns, ("active", "enabled")) == ("active", "enabled")
