@@ -186,13 +186,10 @@ def test_the_listen_address_drop_in_has_one_home():
 
 # ------------------------------------------------------------ the page itself
 
+@pytest.mark.needs("man")
 def test_man_page_fits_its_reader():
     # A sysadmin's page: at most 300 lines at 80 columns; the numbers live
     # in test/bench/RESULTS.md.
-    if shutil.which("man") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("man (man-db) is missing")
-        pytest.skip("needs man-db")
     env = dict(os.environ, LC_ALL="C.UTF-8", MANROFFSEQ="", MANWIDTH="80", MANPAGER="cat", PAGER="cat")
     out = subprocess.run(["man", "-l", os.path.join(ROOT, "man", "smtp521.8")],
                          capture_output=True, text=True, check=True, env=env).stdout
