@@ -140,11 +140,13 @@ def peak_rss_kib(binary, payload, reply):
 
 
 def test_megabyte_line_keeps_memory_bounded(binary):
-    # R8: a 1 MiB line is answered once; peak memory is that of a plain
-    # session, compared within the same binary.
+    # RFC 5321 4.5.3.1.4: a 1 MiB line is answered once, and costs no more
+    # memory than a plain session of the same binary but the pages its
+    # reads touch: a buffer that kept the line would add its 1024 KiB.
+    # (ASan's own bookkeeping took 136 KiB more on Debian 13.)
     base = peak_rss_kib(binary, crlf("NOOP"), b"250 2.0.0 Ok\r\n")
     big = peak_rss_kib(binary, b"MAIL FROM:<" + b"a" * (1 << 20) + b">\r\n", REFUSAL)
-    assert big - base < 128, (base, big)
+    assert big - base < 1024 / 4, (base, big)
 
 
 def test_peer_closes_at_once(binary):
