@@ -25,9 +25,13 @@ HARDEN   = -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fstack-clash-protection
 LDHARDEN = -Wl,-z,relro -Wl,-z,now -Wl,-z,noexecstack
 # Static PIE by default: a process per connection spends most of its life
 # starting, and dynamic loading of libstdc++ doubles that (make bench);
-# PIE keeps the binary's address randomized.  LINKMODE=-pie links
-# dynamically.
-LINKMODE ?= -static-pie
+# PIE keeps the binary's address randomized.  Static PIE needs glibc's
+# start file for it, rcrt1.o, which Debian's glibc ships only where it
+# supports static PIE (Debian 12: amd64, arm64, i386; not armel, armhf,
+# ppc64el, riscv64, s390x): where the compiler finds none, plain -static.
+# LINKMODE=-pie links dynamically.
+static_link = $(if $(filter /%,$(shell $(1) -print-file-name=rcrt1.o)),-static-pie,-static)
+LINKMODE ?= $(call static_link,$(CXX))
 SANITIZE = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
 all: smtp521
@@ -39,16 +43,53 @@ smtp521: smtp521.cpp debian/changelog
 smtp521-dynamic: smtp521.cpp debian/changelog
 	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) -pie $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
 
-# The same for i386, where glibc sends socket calls through socketcall(2):
-# the filter's rules for it are tested there.  It needs g++-multilib, so
-# `make i386` builds it and test/sandbox-i386 where the compiler can, and
-# their tests skip (fail under CI=true) where it cannot.
+# Every Debian release architecture, and Debian's cross compiler for it
+# (test/packages).  `make cross` builds smtp521-ARCH for all of them;
+# `make qemu-check ARCH=...` boots ARCH's own Debian kernel in qemu and
+# proves the build and its filter there (test/qemu/run).  i386 is tested
+# this way too: a host kernel may refuse i386 binaries.
+ARCHS = amd64 arm64 armel armhf i386 ppc64el riscv64 s390x
+TRIPLET_amd64   = x86_64-linux-gnu
+TRIPLET_arm64   = aarch64-linux-gnu
+TRIPLET_armel   = arm-linux-gnueabi
+TRIPLET_armhf   = arm-linux-gnueabihf
+TRIPLET_i386    = i686-linux-gnu
+TRIPLET_ppc64el = powerpc64le-linux-gnu
+TRIPLET_riscv64 = riscv64-linux-gnu
+TRIPLET_s390x   = s390x-linux-gnu
+cross_cxx = $(TRIPLET_$(1))-g++
+# The architectures whose Debian kernel boots in qemu-system here (the
+# others: README.md, Architectures); armel runs on the armhf kernel.
+QEMU_ARCHS ?= amd64 i386 arm64 armhf armel ppc64el
+
+cross: $(ARCHS:%=smtp521-%)
+
+$(ARCHS:%=smtp521-%): smtp521-%: smtp521.cpp debian/changelog
+	$(call cross_cxx,$*) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(call static_link,$(call cross_cxx,$*)) $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+
+# What the guest runs besides smtp521-ARCH: the confinement's own tests
+# and the init that drives the sessions (static, as the guest has no libc).
+$(ARCHS:%=test/catch_main-%.o): test/catch_main-%.o: test/catch_main.cpp
+	$(call cross_cxx,$*) -std=c++17 -O1 -Wno-psabi $(CPPFLAGS) -c -o $@ test/catch_main.cpp
+
+$(ARCHS:%=test/sandbox-%): test/sandbox-%: test/sandbox.cpp smtp521.cpp test/catch_main-%.o
+	$(call cross_cxx,$*) $(WARN) -Wno-psabi -O1 -g $(VERSIONDEF) $(CPPFLAGS) -static -o $@ test/sandbox.cpp test/catch_main-$*.o
+
+$(ARCHS:%=test/qemu/init-%): test/qemu/init-%: test/qemu/init.cpp
+	$(call cross_cxx,$*) $(WARN) -O1 $(CPPFLAGS) -static -o $@ test/qemu/init.cpp
+
+# The guests' files, for every architecture that boots.
+qemu: $(foreach a,$(QEMU_ARCHS),smtp521-$(a) test/sandbox-$(a) test/qemu/init-$(a))
+
+ARCH ?= $(shell dpkg --print-architecture)
+qemu-check: smtp521-$(ARCH) test/sandbox-$(ARCH) test/qemu/init-$(ARCH)
+	$(PYTHON) test/qemu/run $(ARCH)
+
+# The i386 build on the host (test_sandbox.py traces it where the kernel
+# runs i386 binaries).
 i386:
 	@$(MAKE) -s smtp521-i386 test/sandbox-i386 2>/dev/null \
-		|| echo "make: no i386 build (needs g++-multilib); its tests will skip"
-
-smtp521-i386: smtp521.cpp debian/changelog
-	$(CXX) -m32 $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(LINKMODE) $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+		|| echo "make: no i386 build (needs g++-i686-linux-gnu); its tests will skip"
 
 # The same program under AddressSanitizer and UndefinedBehaviorSanitizer.
 smtp521-asan: smtp521.cpp debian/changelog
@@ -71,13 +112,6 @@ test/unit-asan: test/unit.cpp smtp521.cpp debian/changelog test/catch_main-asan.
 test/sandbox: test/sandbox.cpp smtp521.cpp test/catch_main.o
 	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main.o
 
-# On i386 (g++-multilib).
-test/catch_main-i386.o: test/catch_main.cpp
-	$(CXX) -m32 -std=c++17 -O1 $(CPPFLAGS) -c -o $@ test/catch_main.cpp
-
-test/sandbox-i386: test/sandbox.cpp smtp521.cpp test/catch_main-i386.o
-	$(CXX) -m32 $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main-i386.o
-
 test/sandbox-asan: test/sandbox.cpp smtp521.cpp test/catch_main-asan.o
 	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main-asan.o
 
@@ -96,7 +130,7 @@ fuzz: test/fuzz
 
 # Every suite in one pytest run (see README.md, Tests); its closing line
 # `N passed, M failed, K skipped` is the last line.
-check: smtp521 smtp521-asan test/unit test/unit-asan test/sandbox test/sandbox-asan test/fuzz i386
+check: smtp521 smtp521-asan test/unit test/unit-asan test/sandbox test/sandbox-asan test/fuzz i386 cross qemu
 	$(PYTHON) -m pytest test
 
 # The quick loop: unit, session and black-box tests of the plain build; no
@@ -181,7 +215,7 @@ deb-check:
 	test/deb-check
 
 clean:
-	rm -f smtp521 smtp521-asan smtp521-dynamic smtp521-i386 test/unit test/unit-asan test/sandbox test/sandbox-asan test/sandbox-i386 test/fuzz test/*.o
+	rm -f smtp521 smtp521-asan smtp521-dynamic $(ARCHS:%=smtp521-%) test/unit test/unit-asan test/sandbox test/sandbox-asan $(ARCHS:%=test/sandbox-%) $(ARCHS:%=test/qemu/init-%) test/fuzz test/*.o
 	rm -rf test/bench/out
 
-.PHONY: all check test i386 clean install uninstall interop readme bench fuzz deb deb-check
+.PHONY: all check test i386 cross qemu qemu-check clean install uninstall interop readme bench fuzz deb deb-check
