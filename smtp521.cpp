@@ -874,6 +874,13 @@ constexpr std::array arch_syscalls{SYS_send, SYS_recv};
 #elif defined(__powerpc64__) && defined(__LITTLE_ENDIAN__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_PPC64LE;
 constexpr std::array arch_syscalls{SYS_send, SYS_recv};  // as on ARM
+#elif defined(__s390x__)
+constexpr std::uint32_t audit_arch = AUDIT_ARCH_S390X;
+constexpr std::array<int, 0> arch_syscalls{};
+#define SMTP521_SOCKETCALL 1  // as on i386
+#elif defined(__riscv) && __riscv_xlen == 64
+constexpr std::uint32_t audit_arch = AUDIT_ARCH_RISCV64;
+constexpr std::array<int, 0> arch_syscalls{};
 #else
 constexpr std::uint32_t audit_arch = 0;  // unknown: no sandbox (sandbox=off)
 constexpr std::array<int, 0> arch_syscalls{};
