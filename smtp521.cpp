@@ -869,8 +869,9 @@ constexpr std::uint32_t audit_arch = AUDIT_ARCH_AARCH64;
 constexpr std::array<int, 0> arch_syscalls{};
 #elif defined(__arm__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_ARM;
-// glibc's send() and recv() are calls of their own here.
-constexpr std::array arch_syscalls{SYS_send, SYS_recv};
+// glibc's send() and recv() are calls of their own here; without the
+// vDSO (a timer it cannot read), its clock is the 64-bit-time call.
+constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_clock_gettime64};
 #elif defined(__powerpc64__) && defined(__LITTLE_ENDIAN__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_PPC64LE;
 constexpr std::array arch_syscalls{SYS_send, SYS_recv};  // as on ARM
