@@ -854,7 +854,7 @@ constexpr int allowed_syscalls[] = {
 // What each architecture adds: its audit number (a call made under any
 // other kills, see below), and the calls its glibc makes beyond the list
 // above, found under its own Debian kernel in qemu (test/qemu/run, which
-// also proves the filter there; the man page's ARCHITECTURES).
+// also proves the filter there; README.md, Architectures).
 #if defined(__x86_64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_X86_64;
 constexpr std::array<int, 0> arch_syscalls{};

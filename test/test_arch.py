@@ -124,3 +124,29 @@ def test_under_its_own_kernel(arch):
     assert summary.endswith("; ok"), summary
     assert "Seccomp: 2;" in summary and "refused session calls 0;" in summary, summary
     print(summary)
+
+
+@pytest.mark.parametrize("arch", params())
+def test_the_sanitizer_build_compiles_for_the_architecture(arch):
+    # The filter's sanitizer-only part is compiled on every architecture
+    # (readlink and mmap are not calls everywhere).
+    p = subprocess.run([compiler(arch), "-std=c++17", "-Wall", "-Wextra", "-Wconversion", "-Werror",
+                        "-DSMTP521_VERSION=\"0\"", "-fsanitize=address", "-fsyntax-only", "smtp521.cpp"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("off_by", ["+ 1", "- 1"])
+def test_a_filter_length_off_by_one_fails_the_build(off_by, tmp_path):
+    # The program's length and jumps are computed in a constant expression;
+    # an array one too long or too short for it stops the compiler.
+    with open(os.path.join(ROOT, "smtp521.cpp")) as f:
+        source = f.read()
+    line = "constexpr std::size_t filter_length = seccomp_program<0>().size;"
+    assert line in source
+    broken = tmp_path / "smtp521.cpp"
+    broken.write_text(source.replace(line, line[:-1] + f" {off_by};"))
+    p = subprocess.run(["g++", "-std=c++17", "-DSMTP521_VERSION=\"0\"", "-fsyntax-only", str(broken)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "static assertion failed" in p.stderr or "__throw_out_of_range" in p.stderr, p.stderr
