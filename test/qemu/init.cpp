@@ -2,7 +2,8 @@
 // architecture under test, in qemu-system, with an initramfs holding this
 // program, /smtp521, /sandbox (test/sandbox.cpp) and the scripted sessions
 // (/sessions/NAME.args, one argument a line, and NAME.in, the client's
-// bytes).  It runs them and reports on the console, one line each, starting
+// bytes).  It runs them, and a session that waits, times out, is reset or
+// logs to syslog, then test/sandbox.cpp, and reports on the console, one line each, starting
 // "@@ "; test/qemu/run compares.  Then it powers the machine off.
 //
 // Built static for the architecture under test, like smtp521: the guest has
@@ -18,6 +19,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -116,9 +118,10 @@ Run start(const std::string& binary, const std::vector<std::string>& args, bool 
     return r;
 }
 
-// Send `input` (then end it: half-close or close the pipe), read replies
-// and log to end of file, reap.  Returns the wait status.
-int finish(Run& r, const std::string& input, std::string& out, std::string& log) {
+// Send `input` (then end it, unless `hold`: half-close or close the
+// pipe), read replies and log to end of file, reap.  Returns the wait
+// status.
+int finish(Run& r, const std::string& input, std::string& out, std::string& log, bool hold = false) {
     std::size_t sent = 0;
     bool input_open = true, output_open = true, log_open = true;
     fcntl(r.client, F_SETFL, O_NONBLOCK);
@@ -127,19 +130,20 @@ int finish(Run& r, const std::string& input, std::string& out, std::string& log)
         if (r.tcp) shutdown(r.client, SHUT_WR);
         else close(r.client);
     };
-    if (input.empty()) end_input();
+    if (input.empty() && !hold) end_input();
     const long long deadline = now_ms() + 60000;
     while ((output_open || log_open) && now_ms() < deadline) {
+        const bool writing = input_open && sent < input.size();
         pollfd fds[3] = {{r.output, static_cast<short>(output_open ? POLLIN : 0), 0},
                          {r.log, static_cast<short>(log_open ? POLLIN : 0), 0},
-                         {r.client, static_cast<short>(input_open ? POLLOUT : 0), 0}};
-        nfds_t n = (input_open && r.client != r.output) ? 3 : 2;
-        if (input_open && r.client == r.output) fds[0].events |= POLLOUT;
+                         {r.client, static_cast<short>(writing ? POLLOUT : 0), 0}};
+        nfds_t n = (writing && r.client != r.output) ? 3 : 2;
+        if (writing && r.client == r.output) fds[0].events |= POLLOUT;
         if (poll(fds, n, 1000) < 0 && errno != EINTR) break;
-        if (input_open && ((fds[2].revents | fds[0].revents) & (POLLOUT | POLLERR | POLLHUP))) {
+        if (writing && ((fds[2].revents | fds[0].revents) & (POLLOUT | POLLERR | POLLHUP))) {
             ssize_t w = write(r.client, input.data() + sent, std::min<std::size_t>(input.size() - sent, 65536));
             if (w > 0) sent += static_cast<std::size_t>(w);
-            if ((w < 0 && errno != EAGAIN && errno != EINTR) || sent == input.size()) end_input();
+            if ((w < 0 && errno != EAGAIN && errno != EINTR) || (sent == input.size() && !hold)) end_input();
         }
         char buffer[65536];
         if (output_open && (fds[0].revents & (POLLIN | POLLERR | POLLHUP))) {
@@ -257,6 +261,44 @@ int main() {
         int status = finish(r, "QUIT\r\n", out, log);
         std::printf("@@ waiting seccomp=%s status=%d out=%s log=%s\n", seccomp.c_str(), status,
                     hex(greeting + out).c_str(), hex(log).c_str());
+    }
+    // What else a session meets: its deadline, a client's reset, syslog.
+    {
+        Run r = start("/smtp521", {"-H", "mx.test", "-l", "stderr", "-t", "1"}, true);
+        std::string out, log;
+        int status = finish(r, "", out, log, true);
+        std::printf("@@ scenario timeout status=%d out=%s log=%s\n", status, hex(out).c_str(), hex(log).c_str());
+    }
+    {
+        Run r = start("/smtp521", {"-H", "mx.test", "-l", "stderr"}, true);
+        std::string greeting, out, log;
+        char c;
+        while (greeting.find('\n') == std::string::npos && read(r.client, &c, 1) == 1) greeting += c;
+        linger reset{1, 0};
+        setsockopt(r.client, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+        close(r.client);
+        r.client = r.output = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);  // finish() reads EOF here
+        shutdown(r.client, SHUT_RDWR);
+        int status = finish(r, "", out, log);
+        std::printf("@@ scenario client-reset status=%d out=%s log=%s\n", status, hex(greeting).c_str(),
+                    hex(log).c_str());
+    }
+    {
+        int devlog = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        sockaddr_un addr{};
+        addr.sun_family = AF_UNIX;
+        std::strcpy(addr.sun_path, "/dev/log");
+        bind(devlog, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+        Run r = start("/smtp521", {"-H", "mx.test", "-l", "syslog"}, false);
+        std::string out, log;
+        int status = finish(r, "EHLO a\r\nQUIT\r\n", out, log);
+        pollfd p{devlog, POLLIN, 0};
+        char message[2048];
+        ssize_t n = poll(&p, 1, 5000) == 1 ? recv(devlog, message, sizeof message, 0) : -1;
+        std::printf("@@ scenario syslog status=%d out=%s log=%s\n", status, hex(out).c_str(),
+                    hex(n > 0 ? std::string(message, static_cast<std::size_t>(n)) : std::string()).c_str());
+        close(devlog);
+        unlink("/dev/log");
     }
     report_audit(kmsg, "sessions");
 
