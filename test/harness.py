@@ -6,6 +6,7 @@ once and each naming what is missing."""
 import errno
 import functools
 import os
+import random
 import re
 import shutil
 import socket
@@ -365,9 +366,26 @@ class Child:
 # ------------------------------------------------------------ loopback clients
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range: a
+    port the kernel hands out (bind to 0) may be taken a moment later as the
+    local port of some client's connection, and a super-server started on
+    it then fails to listen (EADDRINUSE)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            if not listening(port) and not listening(port, socket.AF_INET6):
+                return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def talk(port, data, host="127.0.0.1", family=socket.AF_INET, timeout=30):

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from harness import ROOT
+from harness import ROOT, free_port
 
 MODES = [("rcpt", []), ("greeting", ["-r", "greeting"]), ("close", ["-c"])]
 NAME = "mx.test"
@@ -80,12 +80,6 @@ def apt_install(*packages):
 
 def version(package):
     return run(["dpkg-query", "-W", "-f", "${Version}", package]).stdout.strip()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout, step=0.2):

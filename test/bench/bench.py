@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # test/
+from harness import free_port  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(ROOT, "test", "bench", "out")
@@ -53,12 +56,6 @@ def driver(mode, n, target, env):
         raise RuntimeError(f"driver {mode} {target[0]}: {p.stderr.strip()}")
     rate, p50, p99, rss = p.stdout.split()
     return float(rate), float(p50), float(p99), int(rss)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tcp(argv, env, n):

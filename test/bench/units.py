@@ -36,7 +36,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # test/
-from harness import cgroup_mounts  # noqa: E402
+from harness import cgroup_mounts, free_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -232,12 +232,6 @@ def exposure(path):
                        capture_output=True, text=True)
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout)
     return float(m.group(1)) if m else None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_units(unitdir, vs):
