@@ -211,3 +211,70 @@ def session_memory(pid1, held):
         print(f"no memory figures: {e!r}")
         return None
     return tuple(v / held / 1024 for v in (total, kernel, user))
+
+
+# ------------------------------------------------------------ the measurements
+
+def outcome_counts(outcomes):
+    counts = {}
+    for o in outcomes:
+        key = o if o in ("521", "no greeting") else "other"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+async def hold_then_send(port, holders, sources, settle, tries=10, every=2.0, reconnect=False, net=8):
+    """Silent holders (`holders` of them from `sources` addresses) fill the
+    slots; once every holder has connected, or `settle` seconds have
+    passed, the hold lasts 15 s more and then a sender arrives every
+    `every` seconds.  Returns a dict of what happened: the senders'
+    outcomes, the holders' counts, the most held at once, and the
+    attacker's new connections a second while the senders tried."""
+    h = Holders(port, holders, sources, net=net, reconnect=reconnect)
+    peak = 0
+
+    async def watch():
+        nonlocal peak
+        while True:
+            peak = max(peak, h.open)
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    h.start()
+    began = time.monotonic()
+    await wait_until(lambda: h.connects >= holders, settle)
+    filled = time.monotonic() - began
+    await asyncio.sleep(15)
+    c0, t0 = h.connects, time.monotonic()
+    outcomes = await senders(port, tries, every)
+    rate = (h.connects - c0) / (time.monotonic() - t0)
+    watcher.cancel()
+    await h.stop()
+    return {"outcomes": outcomes, "counts": outcome_counts(outcomes), "peak": peak, "filled": filled,
+            "rate": rate, "connects": h.connects, "greeted": h.greeted, "refused": h.refused,
+            "cut": h.cut, "cut_with_521": h.cut_with_521}
+
+
+async def slow_sender_and_probe(port, rtt, net=9):
+    """Under stress: a sender that waits `rtt` before each command, and a
+    silent client beside it.  Returns the sender's (outcome, seconds) and
+    the probe's (seconds until cut, what it got after the greeting)."""
+
+    async def probe():
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=(source(net, 1), 0)), 30)
+        try:
+            began = time.monotonic()
+            greeting = await asyncio.wait_for(reader.readline(), 30)
+            rest = await asyncio.wait_for(reader.read(), 120)
+            return time.monotonic() - began, greeting, rest
+        finally:
+            writer.close()
+
+    got = await asyncio.gather(sender(port, source(net, 2), rtt), probe())
+    return got[0], got[1]
+
+
+async def drain(pid1, timeout=60):
+    """Wait until the private systemd runs no session."""
+    return await wait_until(lambda: not session_pids(pid1), timeout, step=0.5)
