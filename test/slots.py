@@ -225,7 +225,7 @@ def outcome_counts(outcomes):
 
 async def hold_then_send(port, holders, sources, settle, tries=10, every=2.0, reconnect=False, net=8):
     """Silent holders (`holders` of them from `sources` addresses) fill the
-    slots; once every holder has connected, or `settle` seconds have
+    slots; once every holder has been answered, or `settle` seconds have
     passed, the hold lasts 15 s more and then a sender arrives every
     `every` seconds.  Returns a dict of what happened: the senders'
     outcomes, the holders' counts, the most held at once, and the
@@ -242,7 +242,8 @@ async def hold_then_send(port, holders, sources, settle, tries=10, every=2.0, re
     watcher = asyncio.create_task(watch())
     h.start()
     began = time.monotonic()
-    await wait_until(lambda: h.connects >= holders, settle)
+    # Every holder answered: greeted, or closed unanswered (MaxConnections=).
+    await wait_until(lambda: h.greeted + h.refused >= holders, settle)
     filled = time.monotonic() - began
     await asyncio.sleep(15)
     c0, t0 = h.connects, time.monotonic()
