@@ -26,8 +26,8 @@ async def reply(reader, timeout):
 class Holders:
     """`count` silent clients from `sources` addresses (round robin): each
     reads the greeting and says nothing.  With `reconnect`, a holder that
-    is cut, or closed before its greeting, connects again at once, until
-    stop().  Counts what happened."""
+    is cut connects again at once, one closed before its greeting a second
+    later, until stop().  Counts what happened."""
 
     def __init__(self, port, count, sources, net=8, reconnect=False, host="127.0.0.1"):
         self.port, self.count, self.sources, self.net, self.reconnect, self.host = \
@@ -54,11 +54,13 @@ class Holders:
                 await asyncio.sleep(0.1)
                 continue
             self.connects += 1
+            refused = True
             try:
                 greeting = await asyncio.wait_for(reader.readline(), 60)
                 if not greeting:
                     self.refused += 1
                 else:
+                    refused = False
                     self.greeted += 1
                     self.open += 1
                     try:
@@ -73,6 +75,12 @@ class Holders:
                 writer.close()
             if not self.reconnect:
                 return
+            # Closed unanswered (past MaxConnections=): try again in a
+            # second, not at once.  At once, the holders would be a flood of
+            # refused connections, which a firewall rate limit must stop
+            # (under one, PID 1 accepts and closes and starts no session).
+            if refused:
+                await asyncio.sleep(1)
 
     async def stop(self):
         self.stopping = True

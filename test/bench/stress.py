@@ -111,7 +111,8 @@ def main():
                                           (f"hold, {slots_ + 32} sources", slots_ + 32, False),
                                           ("reconnect", slots_ + 32, True)):
             asyncio.run(slots.drain(sd.pid))
-            r = asyncio.run(slots.hold_then_send(port, slots_ + 32, sources, 120, reconnect=reconnect))
+            holders = slots_ if reconnect else slots_ + 32
+            r = asyncio.run(slots.hold_then_send(port, holders, sources, 120, reconnect=reconnect))
             print(f"{label:24} sender {r['counts']} of 10; most held at once {r['peak']}; attacker "
                   f"{r['rate']:.0f} connections/s = {r['rate'] / flood:.2f} x flood; holders {r['connects']} "
                   f"connects, {r['cut']} cut ({r['cut_with_521']} with 521), {r['refused']} refused; "
