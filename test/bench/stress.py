@@ -82,9 +82,9 @@ def memory(extra, held=200):
             h.start()
             await slots.wait_until(lambda: h.open >= held, 120)
             await asyncio.sleep(1)
-            m = slots.session_memory(sd.pid, held)
+            m, now = slots.session_memory(sd.pid, held), h.open
             await h.stop()
-            return m, h.open
+            return m, now
         return asyncio.run(go())
     finally:
         quiet(lambda: stop(sd, d))
