@@ -89,8 +89,12 @@ class Holders:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def sender(port, src, rtt=0.0, timeout=60, host="127.0.0.1", rcpt=b"b@mx.test"):
-    """A real sender: EHLO, MAIL, RCPT, QUIT, each after `rtt` seconds.
+async def sender(port, src, rtt=0.0, timeout=300, host="127.0.0.1", rcpt=b"b@mx.test"):
+    """A real sender: EHLO, MAIL, RCPT, QUIT, each after `rtt` seconds,
+    waiting for each reply as long as a real MTA does (RFC 5321 4.5.3.2:
+    5 minutes for the greeting, for MAIL and for RCPT): a connection
+    accepted while systemd still works through hundreds of sessions cut
+    at once waits for its instance, as the sender would.
     Returns (outcome, seconds): "521" (its RCPT refused with 521, then 221),
     "no greeting" (closed before any), or what went wrong."""
     began = time.monotonic()
@@ -125,7 +129,7 @@ async def senders(port, tries, every, net=6, rtt=0.0):
     for i in range(tries):
         tasks.append(asyncio.create_task(sender(port, source(net, i), rtt)))
         await asyncio.sleep(every)
-    return [outcome for outcome, _ in await asyncio.gather(*tasks)]
+    return await asyncio.gather(*tasks)
 
 
 async def flood(port, seconds, workers, net=3, data=None):
@@ -255,11 +259,13 @@ async def hold_then_send(port, holders, sources, settle, tries=10, every=2.0, re
     filled = time.monotonic() - began
     await asyncio.sleep(15)
     c0, t0 = h.connects, time.monotonic()
-    outcomes = await senders(port, tries, every)
+    results = await senders(port, tries, every)
     rate = (h.connects - c0) / (time.monotonic() - t0)
+    outcomes = [o for o, _ in results]
     watcher.cancel()
     await h.stop()
     return {"outcomes": outcomes, "counts": outcome_counts(outcomes), "peak": peak, "filled": filled,
+            "slowest": max(t for _, t in results),
             "rate": rate, "connects": h.connects, "greeted": h.greeted, "refused": h.refused,
             "cut": h.cut, "cut_with_521": h.cut_with_521}
 

@@ -113,7 +113,9 @@ def main():
             asyncio.run(slots.drain(sd.pid))
             holders = slots_ if reconnect else slots_ + 32
             r = asyncio.run(slots.hold_then_send(port, holders, sources, 120, reconnect=reconnect))
-            print(f"{label:24} sender {r['counts']} of 10; most held at once {r['peak']}; attacker "
+            other = sorted({o[:40] for o in r["outcomes"] if o not in ("521", "no greeting")})
+            print(f"{label:24} sender {r['counts']} of 10 {other or ''}, slowest {r['slowest']:.0f} s; "
+                  f"most held at once {r['peak']}; attacker "
                   f"{r['rate']:.0f} connections/s = {r['rate'] / flood:.2f} x flood; holders {r['connects']} "
                   f"connects, {r['cut']} cut ({r['cut_with_521']} with 521), {r['refused']} refused; "
                   f"all connected in {r['filled']:.0f} s", flush=True)
