@@ -96,7 +96,8 @@ async def sender(port, src, rtt=0.0, timeout=300, host="127.0.0.1", rcpt=b"b@mx.
     accepted while systemd still works through hundreds of sessions cut
     at once waits for its instance, as the sender would.
     Returns (outcome, seconds): "521" (its RCPT refused with 521, then 221),
-    "no greeting" (closed before any), or what went wrong."""
+    "521 at MAIL" (or EHLO: cut before RCPT), "no greeting" (closed before
+    any), or what went wrong."""
     began = time.monotonic()
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=(src, 0)), timeout)
@@ -114,6 +115,10 @@ async def sender(port, src, rtt=0.0, timeout=300, host="127.0.0.1", rcpt=b"b@mx.
             await asyncio.sleep(rtt)
             writer.write(line + b"\r\n")
             got[verb] = await reply(reader, timeout)
+            if verb != b"RCPT" and got[verb].startswith(b"521 "):
+                # Cut by the stress deadline before RCPT: a permanent
+                # refusal all the same, the mail is returned.
+                return f"521 at {verb.decode()}", time.monotonic() - began
         ok = got[b"RCPT"].startswith(b"521 ") and got[b"QUIT"].startswith(b"221 ")
         return ("521" if ok else f"replies {got!r}"), time.monotonic() - began
     except (OSError, asyncio.TimeoutError) as e:
@@ -230,7 +235,7 @@ def session_memory(pid1, held):
 def outcome_counts(outcomes):
     counts = {}
     for o in outcomes:
-        key = o if o in ("521", "no greeting") else "other"
+        key = o if o in ("521", "no greeting") else "521 early" if o.startswith("521 at ") else "other"
         counts[key] = counts.get(key, 0) + 1
     return counts
 
