@@ -158,14 +158,16 @@ interop: smtp521
 # Per-session time and memory as ratios to a static C floor measured in
 # the same run, and to rblsmtpd (BENCH=programs); CPU per connection of
 # each sandbox option of smtp521@.service under a private systemd, as
-# ratios to the unit without a sandbox (BENCH=units, root).  Reports, not
-# tests.
-BENCH ?= programs units
+# ratios to the unit without a sandbox (BENCH=units, root); slot
+# exhaustion of the shipped units and the stress mode, with one held
+# session's memory (BENCH=stress, root).  Reports, not tests.
+BENCH ?= programs units stress
 bench:
 	@for b in $(BENCH); do case $$b in \
 		programs) $(PYTHON) test/bench/bench.py || exit 1;; \
 		units) $(PYTHON) test/bench/units.py || exit 1;; \
-		*) echo "BENCH: unknown $$b (programs, units)"; exit 64;; \
+		stress) $(PYTHON) test/bench/stress.py || exit 1;; \
+		*) echo "BENCH: unknown $$b (programs, units, stress)"; exit 64;; \
 	esac; done
 
 readme: test/interop-table.md

@@ -76,10 +76,22 @@ struct Options {
     // cut off after a few kilobytes of replies.
     int max_commands = 200;
     LogTarget log = LogTarget::syslog;
+    // Stress (see stress_sessions() and the man page's "Under stress"): a
+    // session that starts when its slice already runs this many sessions,
+    // itself included, ends stress_timeout seconds after it began, with a
+    // 521.  A mailless host is sent a few sessions an hour; this many at
+    // once is a slot-exhaustion attack, which a deadline of 5 minutes
+    // would let take every slot for under 2 connections a second.  0: never.
+    int stress_at = 32;
+    // Postfix's smtpd_timeout under stress.  A real sender sends its next
+    // command within one round trip: greeting, EHLO, MAIL, RCPT and QUIT
+    // take a few seconds even on a 1 s path.
+    int stress_timeout = 10;
 };
 
 constexpr int min_timeout = 1, max_timeout = 86400;
 constexpr int min_commands = 1, max_commands_limit = 100000;
+constexpr int max_stress_at = 1000000;
 
 // RFC 5321 4.5.3.1.4 and 4.5.3.1.5: 512 octets for a command line and for
 // a reply line, CRLF included.
@@ -97,7 +109,8 @@ constexpr const char* mailname_path = "/etc/mailname";
 
 constexpr std::string_view usage_text =
     "usage: smtp521 [-c] [-r rcpt|greeting] [-H name] [-m text] [-t seconds]\n"
-    "               [-n count] [-l syslog|stderr|none] [-V] [-h]\n"
+    "               [-n count] [-s sessions] [-T seconds]\n"
+    "               [-l syslog|stderr|none] [-V] [-h]\n"
     "Answer one SMTP connection on stdin/stdout so that the sender returns\n"
     "the mail at once: this host does not accept mail (RFC 1846, RFC 7504).\n"
     "\n"
@@ -112,6 +125,13 @@ constexpr std::string_view usage_text =
     "  -t, --timeout SECONDS    end the session after SECONDS, 1-86400 (default 300)\n"
     "  -n, --max-commands N     end the session after N commands, 1-100000\n"
     "                           (default 200)\n"
+    "  -s, --stress-at N        under systemd, a session that starts when its\n"
+    "                           slice holds N sessions or more (itself included)\n"
+    "                           is under stress; 0 never, at most 1000000\n"
+    "                           (default 32)\n"
+    "  -T, --stress-timeout SECONDS\n"
+    "                           under stress, end the session after SECONDS\n"
+    "                           with a 521 (log: end=stress), 1-86400 (default 10)\n"
     "  -l, --log TARGET         session log line to syslog (default), stderr\n"
     "                           or none\n"
     "  -V, --version            print the version and exit\n"
@@ -251,7 +271,7 @@ bool build_replies(const Options& options, Replies& r) {
 // ---------------------------------------------------------------- session
 
 // `count` is no reason: it counts them, and stays last.
-enum class EndReason { none, quit, eof, timeout, limit, http, tls, close, read_error, write_error, alarm, count };
+enum class EndReason { none, quit, eof, timeout, stress, limit, http, tls, close, read_error, write_error, alarm, count };
 
 // The log line's end= value of each reason, in the enum's order; the
 // static_assert keeps table and enum equal.
@@ -261,7 +281,8 @@ struct EndReasonName {
 };
 constexpr EndReasonName end_reasons[] = {
     {EndReason::none, "none"},   {EndReason::quit, "quit"},         {EndReason::eof, "eof"},
-    {EndReason::timeout, "timeout"}, {EndReason::limit, "limit"},   {EndReason::http, "http"},
+    {EndReason::timeout, "timeout"}, {EndReason::stress, "stress"}, {EndReason::limit, "limit"},
+    {EndReason::http, "http"},
     {EndReason::tls, "tls"},     {EndReason::close, "close"},       {EndReason::read_error, "read-error"},
     {EndReason::write_error, "write-error"}, {EndReason::alarm, "alarm"},
 };
@@ -374,6 +395,17 @@ public:
             command(out);
         }
         return used;
+    }
+
+    // The stress deadline passed (see stress_sessions()): the refusal that
+    // answers any command, so that a sender whose next command crosses it
+    // reads a permanent reply, never a 4yz that would queue the mail (RFC
+    // 5321 4.2.1; Postfix sends 421 here).  RFC 5321 3.8 lets the server
+    // close after a timeout.
+    void cut(Output& out) {
+        if (end_ != EndReason::none) return;
+        out.append(replies_[Verb::other].view());
+        end_ = EndReason::stress;
     }
 
     // The client closed its side: a last unterminated line still counts.
@@ -528,8 +560,9 @@ void close_gracefully(const Connection& c) {
     }
 }
 
-// Run one session on the connection; returns how it ended.
-EndReason run(Session& session, const Connection& c, Millis deadline) {
+// Run one session on the connection; returns how it ended.  `stressed`:
+// the deadline is the stress deadline, and reaching it is a cut.
+EndReason run(Session& session, const Connection& c, Millis deadline, bool stressed = false) {
     Output out;
     session.greet(out);
     EndReason io = write_all(c, out.view(), deadline);
@@ -537,6 +570,15 @@ EndReason run(Session& session, const Connection& c, Millis deadline) {
     char input[4096];
     while (io == EndReason::none && !session.ended()) {
         Wait w = wait_for(c.in, POLLIN, deadline);
+        if (w == Wait::timeout && stressed) {
+            // A client that waits for the next reply has read every one
+            // before: the 521 cannot be stuck behind unread output.
+            session.cut(out);
+            io = write_all(c, out.view(), now_ms() + drain_ms);
+            out.clear();
+            if (io == EndReason::none) close_gracefully(c);
+            return EndReason::stress;
+        }
         if (w == Wait::timeout) {
             io = EndReason::timeout;
             break;
@@ -563,6 +605,8 @@ EndReason run(Session& session, const Connection& c, Millis deadline) {
     }
     // Not after a timeout or a failed write: there is no reply to protect.
     if (io == EndReason::none || io == EndReason::read_error) close_gracefully(c);
+    // A write that could not finish by the stress deadline is a cut too.
+    if (io == EndReason::timeout && stressed) return EndReason::stress;
     // An I/O failure is what the log should say, even after QUIT.
     return io != EndReason::none ? io : session.end_reason();
 }
@@ -1105,13 +1149,14 @@ Options parse_options(int argc, char** argv) {
         {"refuse-at", required_argument, nullptr, 'r'}, {"close", no_argument, nullptr, 'c'},
         {"hostname", required_argument, nullptr, 'H'},  {"message", required_argument, nullptr, 'm'},
         {"timeout", required_argument, nullptr, 't'},   {"max-commands", required_argument, nullptr, 'n'},
+        {"stress-at", required_argument, nullptr, 's'}, {"stress-timeout", required_argument, nullptr, 'T'},
         {"log", required_argument, nullptr, 'l'},       {"version", no_argument, nullptr, 'V'},
         {"help", no_argument, nullptr, 'h'},            {nullptr, 0, nullptr, 0},
     };
     Options options;
     opterr = 0;  // our own one-line messages, never getopt's
     int opt;
-    while ((opt = getopt_long(argc, argv, ":r:cH:m:t:n:l:Vh", long_options, nullptr)) != -1) {
+    while ((opt = getopt_long(argc, argv, ":r:cH:m:t:n:s:T:l:Vh", long_options, nullptr)) != -1) {
         const std::string_view arg = optarg != nullptr ? optarg : "";
         switch (opt) {
         case 'r':
@@ -1142,6 +1187,18 @@ Options parse_options(int argc, char** argv) {
             if (options.max_commands < 0)
                 usage_error("invalid --max-commands '%.64s': expected a whole number from %d to %d", optarg,
                             min_commands, max_commands_limit);
+            break;
+        case 's':
+            options.stress_at = parse_number(optarg, 0, max_stress_at);
+            if (options.stress_at < 0)
+                usage_error("invalid --stress-at '%.64s': expected a whole number from 0 to %d", optarg,
+                            max_stress_at);
+            break;
+        case 'T':
+            options.stress_timeout = parse_number(optarg, min_timeout, max_timeout);
+            if (options.stress_timeout < 0)
+                usage_error("invalid --stress-timeout '%.64s': expected whole seconds from %d to %d", optarg,
+                            min_timeout, max_timeout);
             break;
         case 'l':
             if (arg == "syslog") options.log = LogTarget::syslog;
@@ -1195,6 +1252,78 @@ std::string_view default_hostname(Text<256>& buffer, const char* mailname) {
     return "localhost";
 }
 
+// ---------------------------------------------------------------- the stress signal
+
+// A process per connection shares nothing with the other sessions, but
+// under systemd (smtp521.socket, Accept=yes) each session is an instance,
+// smtp521@N-LOCAL-REMOTE.service, whose cgroup sits in smtp521.slice: the
+// slice's pids.current is how many sessions run now, one task each
+// (TasksMax=1), itself included.  Read once, at start, before the filter:
+// a session that starts under stress gets the short deadline, and since a
+// session that starts without it found fewer than --stress-at sessions,
+// no more than that many long sessions can ever be running.
+//
+// Anything unexpected (not an instance of a template, not in a slice, no
+// pids controller, a file that does not parse) gives -1: no signal, no
+// stress, the session as without it.  Under inetd and tcpserver every
+// session shares the super-server's cgroup, which holds other processes:
+// no signal there.  The pids controller is in the unified hierarchy
+// (/sys/fs/cgroup, line "0::") or, on a hybrid host, a v1 one of its own
+// (/sys/fs/cgroup/pids, a line "N:pids:").
+constexpr std::string_view cgroup_roots[][2] = {{"0::", "/sys/fs/cgroup"}, {":pids:", "/sys/fs/cgroup/pids"}};
+
+// The whole of a small file, or an empty view.
+std::string_view read_small_file(const char* path, Text<1024>& buffer) {
+    buffer.clear();
+    const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) return {};
+    while (buffer.room() > 0) {
+        ssize_t n = read(fd, buffer.bytes + buffer.length, buffer.room());
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        buffer.length += static_cast<std::size_t>(n);
+    }
+    close(fd);
+    return buffer.view();
+}
+
+int stress_sessions() {
+    Text<1024> cgroups, number;
+    const std::string_view text = read_small_file("/proc/self/cgroup", cgroups);
+    for (const auto& root : cgroup_roots) {
+        // The line "ID:CONTROLLERS:PATH" whose middle names this hierarchy.
+        std::string_view rest = text, path;
+        while (!rest.empty() && path.empty()) {
+            const std::string_view line = head(rest, rest.find('\n'));
+            rest = tail(rest, line.size() + 1);
+            const std::size_t at = root[0] == "0::" ? (head(line, 3) == "0::" ? 0 : std::string_view::npos)
+                                                    : line.find(root[0]);
+            if (at != std::string_view::npos) path = tail(line, at + root[0].size());
+        }
+        // PARENT.slice/NAME@INSTANCE.service
+        const std::size_t slash = path.rfind('/');
+        if (path.empty() || path.front() != '/' || slash == std::string_view::npos || slash == 0) continue;
+        const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);
+        constexpr std::string_view slice = ".slice", service = ".service";
+        if (parent.size() < slice.size() || parent.substr(parent.size() - slice.size()) != slice ||
+            unit.size() < service.size() || unit.substr(unit.size() - service.size()) != service ||
+            unit.find('@') == std::string_view::npos)
+            continue;
+        char file[1200];
+        const int n = std::snprintf(file, sizeof file, "%.*s%.*s/pids.current", static_cast<int>(root[1].size()),
+                                    root[1].data(), static_cast<int>(parent.size()), parent.data());
+        if (n < 0 || static_cast<std::size_t>(n) >= sizeof file) continue;
+        std::string_view value = read_small_file(file, number);
+        while (!value.empty() && value.back() == '\n') value.remove_suffix(1);
+        char digits_only[16] = {};
+        if (value.empty() || value.size() >= sizeof digits_only) continue;
+        std::memcpy(digits_only, value.data(), value.size());
+        const int sessions = parse_number(digits_only, 0, INT_MAX);
+        if (sessions >= 0) return sessions;
+    }
+    return -1;
+}
+
 int main(int argc, char** argv) {
     const Millis start = now_ms();
     Options options = parse_options(argc, argv);
@@ -1212,7 +1341,12 @@ int main(int argc, char** argv) {
     Connection connection;
     connection.in_is_socket = is_socket(connection.in);
     connection.out_is_socket = is_socket(connection.out);
-    const Millis deadline = start + static_cast<Millis>(options.timeout_seconds) * 1000;
+    // Under stress the earlier of the two deadlines; a cut only if it is
+    // the stress one.
+    const int sessions = options.stress_at > 0 ? stress_sessions() : -1;
+    const bool stressed = sessions >= options.stress_at && options.stress_timeout < options.timeout_seconds;
+    const int seconds = stressed ? options.stress_timeout : options.timeout_seconds;
+    const Millis deadline = start + static_cast<Millis>(seconds) * 1000;
 
     Peer peer;
     if (options.log != LogTarget::none) add_peer(peer, connection.in);
@@ -1232,12 +1366,16 @@ int main(int argc, char** argv) {
     struct sigaction on_alarm_action{};
     on_alarm_action.sa_handler = on_alarm;
     sigaction(SIGALRM, &on_alarm_action, nullptr);
+    // From -t's deadline even under stress: the slice's CPU quota can hold
+    // back a session that hundreds of others woke with for more than two
+    // seconds (measured: a third of the cut sessions), and the alarm would
+    // end it without its 521.  It guards against a blocked log, as before.
     alarm(static_cast<unsigned>(options.timeout_seconds + backstop_seconds));
     // Nothing from the client has been read yet.
     backstop.sandbox = confine();
     prepare_backstop(session, (static_cast<Millis>(options.timeout_seconds) + backstop_seconds) * 1000, peer);
 
-    const EndReason end = run(session, connection, deadline);
+    const EndReason end = run(session, connection, deadline, stressed);
 
     const Millis elapsed = now_ms() - start;
     prepare_backstop(session, elapsed, peer);

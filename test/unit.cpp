@@ -437,6 +437,7 @@ TEST_CASE("option values are checked") {
     CHECK_FALSE(valid_message(""));
     CHECK_FALSE(valid_message("caf\xc3\xa9"));
     CHECK(parse_number("300", 1, 86400) == 300);
+    CHECK(parse_number("0", 0, max_stress_at) == 0);  // --stress-at 0: never
     CHECK(parse_number("86400", 1, 86400) == 86400);
     for (const char* bad : {"0", "-5", "10s", "99999999999999999999", "", " 5", "86401", "+5"}) {
         INFO(bad);
@@ -545,5 +546,41 @@ TEST_CASE("a closed input ends the session at once, whatever errno says") {
         INFO("errno " << stale << ", status " << status);
         CHECK(WIFEXITED(status));
         CHECK(WEXITSTATUS(status) == 0);
+    }
+}
+
+// The stress deadline ends a silent session with the mode's refusal and
+// end=stress; the ordinary deadline closes without a word, as before.
+TEST_CASE("a stress cut sends the 521 that answers any command; a timeout sends nothing") {
+    struct Case {
+        Mode mode;
+        bool stressed;
+        std::string tail;
+        EndReason end;
+    };
+    for (const Case& k : {Case{Mode::rcpt, true, "521 5.3.2 mx.test does not accept mail\r\n", EndReason::stress},
+                          Case{Mode::greeting, true, "521 mx.test does not accept mail\r\n521 mx.test does not accept mail\r\n",
+                               EndReason::stress},
+                          Case{Mode::rcpt, false, "", EndReason::timeout}}) {
+        int sv[2];
+        REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+        Options o = make_options(k.mode);
+        Replies replies;
+        REQUIRE(build_replies(o, replies));
+        Session s(replies, o.max_commands);
+        Connection c{sv[0], sv[0], true, true};
+        const Millis began = now_ms();
+        EndReason end = run(s, c, began + 200, k.stressed);
+        CHECK(now_ms() - began < 200 + drain_ms + 1000);
+        close(sv[0]);
+        std::string got;
+        char buf[1024];
+        ssize_t n;
+        while ((n = read(sv[1], buf, sizeof buf)) > 0) got.append(buf, static_cast<std::size_t>(n));
+        close(sv[1]);
+        std::string greeting(replies.greeting.view());
+        INFO(got);
+        CHECK(end == k.end);
+        CHECK(got == (k.mode == Mode::rcpt ? greeting + k.tail : k.tail));
     }
 }

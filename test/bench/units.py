@@ -97,10 +97,10 @@ def family(*names):
 
 
 # Points of the frontier: cheap families together, with each choice of user.
-CHEAP = family("privileges", "limits", "ip-deny", "devices", "netns")
+CHEAP = family("privileges", "limits", "ip-deny", "devices")
 LEAN_SECCOMP = ["RestrictAddressFamilies=none", "RestrictNamespaces=yes"]
 MIXES = [
-    ("mix-root", "privileges, limits, ip-deny, devices, netns, RestrictAddressFamilies=none, RestrictNamespaces=; "
+    ("mix-root", "privileges, limits, ip-deny, devices, RestrictAddressFamilies=none, RestrictNamespaces=; "
      "no User=", CHEAP + LEAN_SECCOMP),
     ("mix-root-seccomp", "privileges, limits, ip-deny, devices, seccomp; no netns, no User=",
      family("privileges", "limits", "ip-deny", "devices", "seccomp")),

@@ -1,0 +1,144 @@
+"""make bench BENCH=stress: slot exhaustion of the shipped units under a
+private systemd (test/with-systemd), as smtp521(8) "Under stress" and
+test/bench/RESULTS.md report it.  Root.  Every client is on loopback.
+
+  memory     one held session's memory (total, kernel, user) with the
+             shipped service, and with PrivateNetwork=yes added (the unit
+             before), 200 sessions held with the stress mode off
+  flood      whole sessions a second, 48 clients back to back: the highest
+             session rate this private systemd sustains here
+  hold       silent holders for every slot plus 32, not reconnecting; a
+             sender every 2 s once the hold has lasted 15 s (10 tries);
+             with the stress mode (the default) and without (-s 0)
+  reconnect  the same holders reconnecting as soon as they are cut: their
+             new connections a second, against the flood's rate
+  slow       a sender waiting 1 s before each command, every session under
+             stress (-s 1), and a silent client beside it
+
+Ratios are within this run; rerun if the host was busy (the figures say
+how long spawning took)."""
+import asyncio
+import os
+import resource
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from harness import Systemd, free_port  # noqa: E402
+import slots  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(HERE))
+SLICE = f"smtp521b{os.getpid()}.slice"
+
+
+def unitdir(port, service_extra=""):
+    import tempfile
+    d = tempfile.mkdtemp(prefix="smtp521-bench-stress-")
+    os.chmod(d, 0o755)
+    read = lambda n: open(os.path.join(ROOT, n)).read()  # noqa: E731
+    sock = read("smtp521.socket").replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port}\n")
+    svc = read("smtp521@.service").replace("\nSlice=smtp521.slice\n", f"\nSlice={SLICE}\n")
+    svc = svc.replace("\nIPAddressDeny=any\n", f"\nIPAddressDeny=any\n{service_extra}")
+    for name, text in (("smtp521.socket", sock), ("smtp521@.service", svc), (SLICE, read("smtp521.slice"))):
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    return d
+
+
+def boot(service_extra="", opts=None):
+    port = free_port()
+    d = unitdir(port, service_extra)
+    sd = Systemd(d, os.path.join(ROOT, "smtp521"))
+    sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket")
+    if opts:
+        path = f"/proc/{sd.pid}/root/etc/default/smtp521"
+        with open(path, "w") as f:
+            f.write(f'SMTP521_OPTS="{opts}"\n')
+    return sd, port, d
+
+
+def stop(sd, d):
+    import shutil
+    sd.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def quiet(f):
+    """Run f with stdout (Systemd.stop's report) silenced."""
+    saved = sys.stdout
+    sys.stdout = open(os.devnull, "w")
+    try:
+        return f()
+    finally:
+        sys.stdout.close()
+        sys.stdout = saved
+
+
+def memory(extra, held=200):
+    sd, port, d = boot(extra, "-s 0")
+    try:
+        async def go():
+            h = slots.Holders(port, held, held)
+            h.start()
+            await slots.wait_until(lambda: h.open >= held, 120)
+            await asyncio.sleep(1)
+            m, now = slots.session_memory(sd.pid, held), h.open
+            await h.stop()
+            return m, now
+        return asyncio.run(go())
+    finally:
+        quiet(lambda: stop(sd, d))
+
+
+def main():
+    if os.geteuid() != 0:
+        print("bench stress: needs root (a private systemd)")
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
+    print("== slot exhaustion (BENCH=stress), the shipped units under a private systemd")
+    for name, extra in (("shipped", ""), ("with PrivateNetwork=yes", "PrivateNetwork=yes\n")):
+        m, held = memory(extra)
+        if m:
+            print(f"memory  {name:26} {m[0]:6.0f} KiB a held session: kernel {m[1]:.0f}, user {m[2]:.0f} "
+                  f"({held} held)", flush=True)
+    sd, port, d = boot()
+    try:
+        slots_ = int(sd.ctl("show", "-p", "MaxConnections", "--value", "smtp521.socket").stdout)
+        flood = asyncio.run(slots.flood(port, 8, 48))
+        print(f"flood   {flood:.0f} whole sessions/s (48 clients, 8 s); MaxConnections={slots_}", flush=True)
+        for label, sources, reconnect in (("hold, 16 sources", 16, False),
+                                          (f"hold, {slots_ + 32} sources", slots_ + 32, False),
+                                          ("reconnect", slots_ + 32, True)):
+            asyncio.run(slots.drain(sd.pid))
+            holders = slots_ if reconnect else slots_ + 32
+            r = asyncio.run(slots.hold_then_send(port, holders, sources, 120, reconnect=reconnect))
+            other = sorted({o[:40] for o in r["outcomes"] if o not in ("521", "no greeting")})
+            print(f"{label:24} sender {r['counts']} of 10 {other or ''}, slowest {r['slowest']:.0f} s; "
+                  f"most held at once {r['peak']}; attacker "
+                  f"{r['rate']:.0f} connections/s = {r['rate'] / flood:.2f} x flood; holders {r['connects']} "
+                  f"connects, {r['cut']} cut ({r['cut_with_521']} with 521), {r['refused']} refused; "
+                  f"all connected in {r['filled']:.0f} s", flush=True)
+    finally:
+        quiet(lambda: stop(sd, d))
+    # Without the stress mode: the attack as it was.
+    sd, port, d = boot(opts="-s 0")
+    try:
+        slots_ = int(sd.ctl("show", "-p", "MaxConnections", "--value", "smtp521.socket").stdout)
+        r = asyncio.run(slots.hold_then_send(port, slots_ + 32, slots_ + 32, 180))
+        print(f"{'hold, -s 0 (no stress)':24} sender {r['counts']} of 10; most held at once {r['peak']}; "
+              f"all connected in {r['filled']:.0f} s", flush=True)
+    finally:
+        quiet(lambda: stop(sd, d))
+    sd, port, d = boot(opts="-s 1")
+    try:
+        (outcome, took), (cut, _, rest) = asyncio.run(slots.slow_sender_and_probe(port, 1.0))
+        print(f"slow    sender with 1 s before each command under stress: {outcome} in {took:.1f} s; "
+              f"silent client cut after {cut:.1f} s with {rest[:40]!r}", flush=True)
+    finally:
+        quiet(lambda: stop(sd, d))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
