@@ -162,10 +162,10 @@ def systemd_version():
         return 0
 
 
-def _cpu_quota():
-    """systemd can enforce CPUQuota= here: the cpu controller is on the
-    cgroup v2 hierarchy, or on cgroup v1 beside it (a hybrid layout) with
-    a systemd that still manages v1 (before 256)."""
+def _controller(name, what):
+    """systemd can use cgroup controller `name` here: it is on the cgroup v2
+    hierarchy, or on cgroup v1 beside it (a hybrid layout) with a systemd
+    that still manages v1 (before 256)."""
     v2, _ = cgroup_mounts()
     controllers = ""
     if v2:
@@ -174,14 +174,14 @@ def _cpu_quota():
                 controllers = f.read()
         except OSError:
             pass
-    if "cpu" in controllers.split():
+    if name in controllers.split():
         return None
-    on_v1 = any(fstype == "cgroup" and "cpu" in opts for _, fstype, opts in cgroup_hierarchies())
+    on_v1 = any(fstype == "cgroup" and name in opts for _, fstype, opts in cgroup_hierarchies())
     version = systemd_version()
     if on_v1 and version >= 256:
-        return HOST_LIMIT + (f"the cpu controller is bound to cgroup v1 here, and systemd {version} "
-                             "manages cgroup v2 only: CPUQuota= cannot be enforced")
-    return None if on_v1 else "no cpu controller in any cgroup hierarchy"
+        return HOST_LIMIT + (f"the {name} controller is bound to cgroup v1 here, and systemd {version} "
+                             f"manages cgroup v2 only: {what}")
+    return None if on_v1 else f"no {name} controller in any cgroup hierarchy"
 
 
 def _fuzz():
@@ -210,7 +210,8 @@ CAPABILITIES = {
     "needs openbsd-inetd (/usr/sbin/inetd)",
     "tcpserver": lambda: _tool_reason("tcpserver", "ucspi-tcp"),
     "i386": _i386,
-    "cpu-quota": _cpu_quota,
+    "cpu-quota": lambda: _controller("cpu", "CPUQuota= cannot be enforced"),
+    "pids": lambda: _controller("pids", "a slice counts no sessions, and smtp521 sees no stress"),
     "strace": lambda: _tool_reason("strace", "strace"),
     "man": lambda: _tool_reason("man", "man-db"),
     "unshare": lambda: _tool_reason("unshare", "util-linux"),
