@@ -637,10 +637,11 @@ class Systemd:
             raise AssertionError(f"{tool} {' '.join(args)}: exit {p.returncode}\n{p.stdout}{p.stderr}")
         return p
 
-    def cpu_usec(self, unit):
-        """CPU microseconds used so far by `unit`'s cgroup (cgroup v2
-        cpu.stat, which counts without CPUAccounting=; 0 before the unit
-        has a cgroup), or None without a cgroup2 hierarchy."""
+    def cpu_stat(self, unit):
+        """`unit`'s cgroup v2 cpu.stat as a dict (usage_usec counts without
+        CPUAccounting=; the nr_throttled of CPUQuota= where the cpu
+        controller is on; {} before the unit has a cgroup), or None without
+        a cgroup2 hierarchy."""
         v2, _ = cgroup_mounts()
         group = self.ctl("show", "-p", "ControlGroup", "--value", unit).stdout.strip()
         with open(f"/proc/{self.pid}/cgroup") as f:
@@ -648,13 +649,13 @@ class Systemd:
         if v2 is None or root is None:
             return None
         if not group:
-            return 0  # no cgroup yet: nothing used
+            return {}  # no cgroup yet: nothing used
         # The private systemd's units hang below the cgroup it started in.
         root = re.sub(r"/init\.scope$", "", root).rstrip("/")
         try:
             with open(f"{v2}{root}{group}/cpu.stat") as f:
-                return next(int(v) for k, v in (line.split() for line in f) if k == "usage_usec")
-        except (OSError, StopIteration):
+                return {k: int(v) for k, v in (line.split() for line in f)}
+        except OSError:
             return None
 
     def stop(self):

@@ -183,11 +183,17 @@ def restore_created(saved):
             os.chown(d, uid, gid)
             os.chmod(d, stat.S_IMODE(mode))
     users, groups = saved.pop("accounts")
-    now_users = accounts()[0]
-    for user in sorted(now_users - users):
-        run(["userdel", user])
+    refused = []
+    for user in sorted(accounts()[0] - users):
+        # A daemon the purge left running keeps userdel from its user.
+        run(["pkill", "-KILL", "-u", user])
+        p = run(["userdel", user])
+        if p.returncode:
+            refused.append(f"userdel {user}: {p.stderr.strip()}")
     for group in sorted(accounts()[1] - groups):
-        run(["groupdel", group])
+        p = run(["groupdel", group])
+        if p.returncode:
+            refused.append(f"groupdel {group}: {p.stderr.strip()}")
     for path, was in saved.items():
         if was is None:
             if os.path.lexists(path):
@@ -200,6 +206,8 @@ def restore_created(saved):
             f.write(data)
         os.chown(path, uid, gid)
         os.chmod(path, stat.S_IMODE(mode))
+    if refused:
+        raise RuntimeError("; ".join(refused))
 
 
 def mta_installed(name, package):
@@ -252,8 +260,9 @@ def put_back(packages, files, created):
     checks.append(("machine put back: MTA files, stat overrides and alternatives as they were",
                    not diff, diff))
     left = {k: v for k, v in backup_created().items() if k in CREATED and v != created[k]}
-    if accounts() != created["accounts"]:
-        left["accounts"] = accounts()
+    for kind, was, now in zip(("users", "groups"), created["accounts"], accounts()):
+        if was != now:
+            left[kind] = {"added": sorted(now - was), "gone": sorted(was - now)}
     checks.append(("machine put back: /etc/aliases, /etc/mailname, system accounts as they were",
                    not left, left))
     print(f"     put back: purged {done['purge']}, removed {done['remove']}, "
