@@ -415,6 +415,26 @@ def listening(port, family=socket.AF_INET):
         return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in f)
 
 
+def inetd_conf(path, port, binary, extra_args, suffix=None):
+    """The lines of inetd.conf.example, with the port, the path and the
+    arguments rewritten (and the rate suffix, if asked)."""
+    lines = []
+    with open(os.path.join(ROOT, "inetd.conf.example")) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            cols = line.split()
+            assert cols[0] == "smtp" and cols[5] == "/usr/local/sbin/smtp521", cols
+            cols[0] = str(port)
+            if suffix is not None:
+                cols[3] = suffix
+            cols[5] = binary
+            lines.append("\t".join(cols + extra_args))
+    assert len(lines) == 2 and {line.split()[2] for line in lines} == {"tcp4", "tcp6"}, lines
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def wait_listening(port, host="127.0.0.1", family=socket.AF_INET, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

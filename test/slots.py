@@ -195,10 +195,11 @@ def session_pids(pid1):
     return found
 
 
-def session_memory(pid1, held):
+def session_memory(pid1, held, slice=True):
     """Memory of one held session, in KiB: (total, kernel, user), from the
     memory cgroup of the slice that holds the sessions (found through a
-    session's own cgroup), divided by `held`.  cgroup v2: memory.current,
+    session's own cgroup; with slice=False, that cgroup itself: a
+    super-server's service), divided by `held`.  cgroup v2: memory.current,
     memory.stat's kernel and anon; v1 (a hybrid host): usage_in_bytes,
     kmem.usage_in_bytes and total_rss.  None if there is no such cgroup."""
     lines = None
@@ -215,13 +216,13 @@ def session_memory(pid1, held):
     v2 = next((p for i, c, p in lines if i == "0"), None)
     try:
         if v1 is not None:
-            d = "/sys/fs/cgroup/memory" + os.path.dirname(v1)
+            d = "/sys/fs/cgroup/memory" + (os.path.dirname(v1) if slice else v1)
             total = int(open(f"{d}/memory.usage_in_bytes").read())
             kernel = int(open(f"{d}/memory.kmem.usage_in_bytes").read())
             stat = dict(line.split() for line in open(f"{d}/memory.stat"))
             user = int(stat["total_rss"])
         else:
-            d = "/sys/fs/cgroup" + os.path.dirname(v2)
+            d = "/sys/fs/cgroup" + (os.path.dirname(v2) if slice else v2)
             total = int(open(f"{d}/memory.current").read())
             stat = dict(line.split() for line in open(f"{d}/memory.stat"))
             kernel, user = int(stat["kernel"]), int(stat["anon"])

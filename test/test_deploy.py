@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import (BYE, GREET, LOG_FIELDS, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, free_port, systemd_units, talk, wait_for,
+from harness import (BYE, GREET, LOG_FIELDS, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, free_port, inetd_conf, systemd_units, talk, wait_for,
                      wait_listening)
 
 
@@ -208,26 +208,6 @@ def test_under_systemd_socket_activate(smtp521, server):
 
 
 INETD = "/usr/sbin/inetd"
-
-
-def inetd_conf(path, port, binary, extra_args, suffix=None):
-    """The lines of inetd.conf.example, with the port, the path and the
-    arguments rewritten (and the rate suffix, if asked)."""
-    lines = []
-    with open(os.path.join(ROOT, "inetd.conf.example")) as f:
-        for line in f:
-            if line.startswith("#") or not line.strip():
-                continue
-            cols = line.split()
-            assert cols[0] == "smtp" and cols[5] == "/usr/local/sbin/smtp521", cols
-            cols[0] = str(port)
-            if suffix is not None:
-                cols[3] = suffix
-            cols[5] = binary
-            lines.append("\t".join(cols + extra_args))
-    assert len(lines) == 2 and {line.split()[2] for line in lines} == {"tcp4", "tcp6"}, lines
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 @pytest.fixture

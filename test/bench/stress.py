@@ -14,17 +14,26 @@ test/bench/RESULTS.md report it.  Root.  Every client is on loopback.
              new connections a second, against the flood's rate
   slow       a sender waiting 1 s before each command, every session under
              stress (-s 1), and a silent client beside it
+  inetd      the hold under openbsd-inetd (the lines of inetd.conf.example):
+             no cap on sessions, so what one costs the host (its memory
+             from MemAvailable, its processes' PSS) is the limit
+  tcpserver  the hold under tcpserver -c (smtp521(8)'s line, -t 60): past
+             -c it accepts nothing, and a sender waits in the backlog for
+             a holder's deadline; then the holders reconnecting
 
+`test/bench/stress.py superservers` runs only the last two.
 Ratios are within this run; rerun if the host was busy (the figures say
 how long spawning took)."""
 import asyncio
 import os
 import resource
+import shutil
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from harness import Systemd, free_port  # noqa: E402
+from harness import Systemd, free_port, inetd_conf, wait_listening  # noqa: E402
 import slots  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -90,12 +99,76 @@ def memory(extra, held=200):
         quiet(lambda: stop(sd, d))
 
 
+def superserver(name, argv, port, holders, held=200, reconnect=False):
+    """The attack on smtp521 under inetd or tcpserver (argv), run as a
+    service of a private systemd so that its cgroup holds the sessions:
+    the memory of `held` silent sessions (the super-server's own included),
+    then `holders` silent holders and a sender every 2 s."""
+    d = tempfile.mkdtemp(prefix="smtp521-bench-super-")
+    os.chmod(d, 0o755)
+    with open(os.path.join(d, "bench-super.service"), "w") as f:
+        f.write(f"[Service]\nExecStart={' '.join(argv).format(dir=d)}\nStandardOutput=null\nStandardError=null\n")
+    if name == "inetd":
+        inetd_conf(os.path.join(d, "inetd.conf"), port, "/usr/local/sbin/smtp521", ["-l", "none"])
+    sd = Systemd(d, os.path.join(ROOT, "smtp521"))
+    try:
+        sd.ctl("start", "bench-super.service")
+        wait_listening(port)
+
+        async def memory():
+            h = slots.Holders(port, held, held)
+            h.start()
+            ok = await slots.wait_until(lambda: h.open >= held, 120)
+            await asyncio.sleep(1)
+            m = slots.session_memory(sd.pid, held, slice=False) if ok else None
+            await h.stop()
+            return m
+
+        m = asyncio.run(memory())
+        if m:
+            print(f"{name:9} memory {m[0]:6.0f} KiB a held session: kernel {m[1]:.0f}, user {m[2]:.0f} "
+                  f"({held} held)", flush=True)
+        asyncio.run(slots.drain(sd.pid))
+        r = asyncio.run(slots.hold_then_send(port, holders, holders, 120))
+        print(f"{name:9} hold {holders} from {holders} sources: sender {r['counts']} of 10, "
+              f"slowest {r['slowest']:.0f} s; most held at once {r['peak']}; holders {r['connects']} connects, "
+              f"{r['cut']} cut, {r['refused']} refused; all connected in {r['filled']:.0f} s", flush=True)
+        if reconnect:
+            asyncio.run(slots.drain(sd.pid))
+            r = asyncio.run(slots.hold_then_send(port, holders, holders, 120, reconnect=True))
+            print(f"{name:9} reconnect: sender {r['counts']} of 10, slowest {r['slowest']:.0f} s; attacker "
+                  f"{r['rate']:.0f} connections/s; most held at once {r['peak']}", flush=True)
+    finally:
+        quiet(lambda: stop(sd, d))
+
+
+def superservers(slots_):
+    """smtp521 under openbsd-inetd (the lines of inetd.conf.example) and
+    tcpserver (smtp521(8)'s line, with -t 60), attacked as above."""
+    if os.access("/usr/sbin/inetd", os.X_OK):
+        port = free_port()
+        superserver("inetd", ["/usr/sbin/inetd", "-d", "{dir}/inetd.conf"], port, slots_ + 32)
+    else:
+        print("inetd     not run: needs openbsd-inetd")
+    if shutil.which("tcpserver"):
+        port, limit = free_port(), 512
+        superserver("tcpserver", [shutil.which("tcpserver"), "-H", "-R", "-u", "65534", "-g", "65534", "-c",
+                                  str(limit), "127.0.0.1", str(port), "/usr/local/sbin/smtp521", "-t", "60",
+                                  "-l", "none"], port, limit + 32, reconnect=True)
+    else:
+        print("tcpserver not run: needs ucspi-tcp")
+
+
 def main():
     if os.geteuid() != 0:
         print("bench stress: needs root (a private systemd)")
         return 0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
+    if sys.argv[1:] == ["superservers"]:
+        with open(os.path.join(ROOT, "smtp521.socket")) as f:
+            superservers(int(next(line.split("=")[1] for line in f if line.startswith("MaxConnections="))))
+        return 0
     print("== slot exhaustion (BENCH=stress), the shipped units under a private systemd")
     for name, extra in (("shipped", ""), ("with PrivateNetwork=yes", "PrivateNetwork=yes\n")):
         m, held = memory(extra)
@@ -137,6 +210,7 @@ def main():
               f"silent client cut after {cut:.1f} s with {rest[:40]!r}", flush=True)
     finally:
         quiet(lambda: stop(sd, d))
+    superservers(slots_)
     return 0
 
 
