@@ -703,28 +703,48 @@ class Systemd:
         print(f"---- systemd's console:\n{self.output.text(join=True)[-4000:]}")
 
 
-def systemd_units(port_ours, port_limited):
-    """A unit directory (remove it when done): the shipped units with only
-    the port changed, and a copy of the socket with a trigger limit (20
-    activations in 2 s, systemd's default for Accept=no), for comparison."""
-    d = tempfile.mkdtemp(prefix="smtp521-units-")
+def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None):
+    """The one builder of unit directories for a private systemd
+    (test/with-systemd), from the shipped units: smtp521.socket listening
+    on 127.0.0.1:PORT and smtp521@.service passed through service() (both
+    left out if port is None); with `slice`, the shipped slice under that
+    name and the services in it (without, systemd makes a plain
+    smtp521.slice); for each (suffix, port, socket_edit, service_edit) in
+    `variants`, a socket and service named smtp521-SUFFIX, through those
+    edits (None: as is).  Written into `into`, or into a new directory
+    (0755) that the caller removes; returns its path."""
+    d = into or tempfile.mkdtemp(prefix="smtp521-units-")
     os.chmod(d, 0o755)
     with open(os.path.join(ROOT, "smtp521.socket")) as f:
         sock = f.read()
     with open(os.path.join(ROOT, "smtp521@.service")) as f:
         svc = f.read()
-    assert "\nListenStream=25\n" in sock and "\nTriggerLimitIntervalSec=0\n" in sock
-    files = {
-        "smtp521.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_ours}\n"),
-        "smtp521@.service": svc,
-        "smtp521-limited.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port_limited}\n")
-                                      .replace("\nTriggerLimitIntervalSec=0\n", "\nTriggerLimitBurst=20\n"),
-        "smtp521-limited@.service": svc,
-    }
+    assert "\nListenStream=25\n" in sock and "\nSlice=smtp521.slice\n" in svc
+    listen = lambda p: sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{p}\n")  # noqa: E731
+    files = {}
+    if slice:
+        svc = svc.replace("\nSlice=smtp521.slice\n", f"\nSlice={slice}\n")
+        with open(os.path.join(ROOT, "smtp521.slice")) as f:
+            files[slice] = f.read()
+    if port is not None:
+        files["smtp521.socket"], files["smtp521@.service"] = listen(port), service(svc)
+    for suffix, vport, socket_edit, service_edit in variants:
+        files[f"smtp521-{suffix}.socket"] = (socket_edit or (lambda t: t))(listen(vport))
+        files[f"smtp521-{suffix}@.service"] = (service_edit or (lambda t: t))(svc)
     for name, text in files.items():
         with open(os.path.join(d, name), "w") as f:
             f.write(text)
     return d
+
+
+def systemd_units(port_ours, port_limited):
+    """The shipped units with only the port changed, and a copy of the
+    socket with a trigger limit (20 activations in 2 s, systemd's default
+    for Accept=no), for comparison (remove the directory when done)."""
+    def limited(sock):
+        assert "\nTriggerLimitIntervalSec=0\n" in sock
+        return sock.replace("\nTriggerLimitIntervalSec=0\n", "\nTriggerLimitBurst=20\n")
+    return unit_dir(port_ours, variants=[("limited", port_limited, limited, None)])
 
 
 def default_name():

@@ -13,13 +13,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BYE, BYE_521, GREET, GREET_521, Systemd, default_name, free_port, talk, wait_for, SESSION_IN, SESSION_OUT  # noqa: E402
+from harness import BYE, BYE_521, GREET, GREET_521, Systemd, default_name, free_port, talk, unit_dir, wait_for, SESSION_IN, SESSION_OUT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = default_name()
@@ -68,25 +67,11 @@ SLICE = f"smtp521t{os.getpid()}.slice"
 KEPT = 0.30
 
 
-def units(port, variants=None):
-    """A unit directory: the shipped socket (listening on 127.0.0.1:port),
-    service and slice (named SLICE); and for each (suffix, port, edit) in
-    `variants` a copy of the socket and service named smtp521-SUFFIX, the
-    service text passed through edit()."""
-    d = tempfile.mkdtemp(prefix="smtp521-units-")
-    os.chmod(d, 0o755)
-    sock, svc = read("smtp521.socket"), read("smtp521@.service")
-    assert "\nListenStream=25\n" in sock and "\nSlice=smtp521.slice\n" in svc
-    svc = svc.replace("\nSlice=smtp521.slice\n", f"\nSlice={SLICE}\n")
-    files = {"smtp521.socket": sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port}\n"),
-             "smtp521@.service": svc, SLICE: read("smtp521.slice")}
-    for suffix, vport, edit in variants or ():
-        files[f"smtp521-{suffix}.socket"] = files["smtp521.socket"].replace(f":{port}\n", f":{vport}\n")
-        files[f"smtp521-{suffix}@.service"] = edit(svc)
-    for name, text in files.items():
-        with open(os.path.join(d, name), "w") as f:
-            f.write(text)
-    return d
+def units(port, variants=()):
+    """harness.unit_dir with the slice named SLICE; for each (suffix, port,
+    edit) in `variants` a copy of the socket and service named
+    smtp521-SUFFIX, the service text passed through edit()."""
+    return unit_dir(port, slice=SLICE, variants=[(suffix, p, None, edit) for suffix, p, edit in variants])
 
 
 class Booted(Systemd):

@@ -33,7 +33,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from harness import Systemd, free_port, inetd_conf, wait_listening  # noqa: E402
+from harness import Systemd, free_port, inetd_conf, unit_dir, wait_listening  # noqa: E402
 import slots  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -41,17 +41,10 @@ SLICE = f"smtp521b{os.getpid()}.slice"
 
 
 def unitdir(port, service_extra=""):
-    import tempfile
-    d = tempfile.mkdtemp(prefix="smtp521-bench-stress-")
-    os.chmod(d, 0o755)
-    read = lambda n: open(os.path.join(ROOT, n)).read()  # noqa: E731
-    sock = read("smtp521.socket").replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{port}\n")
-    svc = read("smtp521@.service").replace("\nSlice=smtp521.slice\n", f"\nSlice={SLICE}\n")
-    svc = svc.replace("\nIPAddressDeny=any\n", f"\nIPAddressDeny=any\n{service_extra}")
-    for name, text in (("smtp521.socket", sock), ("smtp521@.service", svc), (SLICE, read("smtp521.slice"))):
-        with open(os.path.join(d, name), "w") as f:
-            f.write(text)
-    return d
+    """The shipped units in a slice of this run, `service_extra` added to
+    the service."""
+    return unit_dir(port, slice=SLICE, service=lambda s: s.replace(
+        "\nIPAddressDeny=any\n", f"\nIPAddressDeny=any\n{service_extra}"))
 
 
 def boot(service_extra="", opts=None):

@@ -36,7 +36,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # test/
-from harness import cgroup_mounts, free_port  # noqa: E402
+from harness import cgroup_mounts, free_port, unit_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -235,19 +235,11 @@ def exposure(path):
 
 
 def write_units(unitdir, vs):
-    sock = read(os.path.join(ROOT, "smtp521.socket"))
-    assert "\nListenStream=25\n" in sock
-    ports = {}
-    for name, _, text in vs:
-        ports[name] = free_port()
-        with open(os.path.join(unitdir, f"smtp521-{name}.socket"), "w") as f:
-            f.write(sock.replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{ports[name]}\n"))
-        with open(os.path.join(unitdir, f"smtp521-{name}@.service"), "w") as f:
-            f.write(text)
-    # The shipped unit may name a slice of its own.
-    for extra in ("smtp521.slice",):
-        if os.path.exists(os.path.join(ROOT, extra)):
-            shutil.copy(os.path.join(ROOT, extra), unitdir)
+    """A socket and service smtp521-NAME for each variant, each socket on
+    a port of its own, and the shipped slice; the ports by name."""
+    ports = {name: free_port() for name, _, _ in vs}
+    unit_dir(None, slice="smtp521.slice", variants=[(name, ports[name], None, lambda _, t=text: t)
+                                                    for name, _, text in vs], into=unitdir)
     return ports
 
 
