@@ -67,6 +67,7 @@ REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
 BYE = b"221 2.0.0 mx.test closing connection\r\n"
 GREET_521 = b"521 mx.test does not accept mail\r\n"
 BYE_521 = b"221 mx.test closing connection\r\n"
+TEXT = b"does not accept mail"  # the default --message, as in every reply above
 SESSION_IN = crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<b@mx.test>", "QUIT")
 SESSION_OUT = GREET + EHLO + OK_MAIL + REFUSAL + BYE
 

@@ -187,10 +187,12 @@ def test_silent_and_slow_clients_cut_at_deadline(load_run):
     for r in run["results"]:
         if r["kind"] in ("silent", "slowloris"):
             assert r["elapsed"] >= DEADLINE - 0.2, r
+    # A session the host starved for two seconds past its deadline ends by
+    # the alarm backstop (end=alarm), still within LATE.
     logs = [fields(line.decode()) for line in run["err"].splitlines() if line.startswith(b"peer=")]
-    timeouts = [float(log["duration"]) for log in logs if log["end"] == "timeout"]
-    assert len(timeouts) >= KINDS["silent"] + KINDS["slowloris"], len(timeouts)
-    assert all(DEADLINE <= d <= DEADLINE + LATE for d in timeouts), sorted(timeouts)[-5:]
+    cut = [float(log["duration"]) for log in logs if log["end"] in ("timeout", "alarm")]
+    assert len(cut) >= KINDS["silent"] + KINDS["slowloris"], len(cut)
+    assert all(DEADLINE <= d <= DEADLINE + LATE for d in cut), sorted(cut)[-5:]
 
 
 def test_no_process_outlives_its_deadline(load_run):
@@ -220,7 +222,7 @@ def test_log_lines_stay_single_and_printable(load_run):
         assert f["sandbox"] == "on", line
         ends[f["end"]] = ends.get(f["end"], 0) + 1
     print(f"     end reasons: {dict(sorted(ends.items()))}")
-    assert ends.get("quit", 0) >= 275 and ends.get("timeout", 0) >= 175, ends
+    assert ends.get("quit", 0) >= 275 and ends.get("timeout", 0) + ends.get("alarm", 0) >= 175, ends
 
 
 def test_peak_memory_per_process(load_run):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import SESSION_IN, SESSION_OUT, Systemd, default_name, free_port, talk
+from harness import SESSION_IN, SESSION_OUT, TEXT, Systemd, default_name, free_port, talk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -196,7 +196,7 @@ def test_default_file_lists_every_option_with_its_default(package):
         assert f"{opt} {default}" in commented, (opt, default)
     assert re.search(r"rcpt \(default\)", help_text)
     assert re.search(r"\(default\s+200\)", help_text)
-    assert "--message 'does not accept mail'" in commented and '"does not accept mail"' in help_text
+    assert f"--message '{TEXT.decode()}'" in commented and f'"{TEXT.decode()}"' in help_text
 
 
 @pytest.mark.needs("tool:blhc", "tool:readelf", "tool:file")
@@ -253,8 +253,8 @@ def unit_copy(package, name, port, envfile=None):
 UNITS = ("smtp521.socket", "smtp521@.service", "smtp521.slice")
 
 
-def expected(name, text=b"does not accept mail"):
-    return SESSION_OUT.replace(b"mx.test", name).replace(b"does not accept mail", text)
+def expected(name, text=TEXT):
+    return SESSION_OUT.replace(b"mx.test", name).replace(TEXT, text)
 
 
 def start_session(port, host="127.0.0.1"):

@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # test/
-from harness import free_port  # noqa: E402
+from harness import TEXT, free_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -44,7 +44,7 @@ def programs():
     rbl = shutil.which("rblsmtpd")
     if rbl:
         # RBLSMTPD starting with '-': refuse every session with a 553.
-        progs.append(("rblsmtpd", [rbl, "/bin/true"], {"RBLSMTPD": "-does not accept mail",
+        progs.append(("rblsmtpd", [rbl, "/bin/true"], {"RBLSMTPD": "-" + TEXT.decode(),
                                                        "TCPREMOTEIP": "127.0.0.1"}))
     return progs
 
