@@ -15,8 +15,8 @@ test/bench/RESULTS.md report it.  Root.  Every client is on loopback.
   slow       a sender waiting 1 s before each command, every session under
              stress (-s 1), and a silent client beside it
   inetd      the hold under openbsd-inetd (the lines of inetd.conf.example):
-             no cap on sessions, so what one costs the host (its memory
-             from MemAvailable, its processes' PSS) is the limit
+             no cap on sessions, so what one costs the host (the memory
+             of the super-server's cgroup, divided) is the limit
   tcpserver  the hold under tcpserver -c (smtp521(8)'s line, -t 60): past
              -c it accepts nothing, and a sender waits in the backlog for
              a holder's deadline; then the holders reconnecting
