@@ -194,12 +194,14 @@ def test_serves_with_user_namespaces_blocked(boot, no_userns, journald):
     print(f"\n$ systemctl --failed\n{sd.ctl('--failed', check=False).stdout}"
           f"$ systemctl status smtp521-old.socket\n{status}\n$ systemctl status {failed[0]}\n{instance}")
     if journald:
-        # The instance's own line can reach the journal after PID 1's.
-        step = "Failed at step USER spawning /usr/local/sbin/smtp521"
+        # The journal has the failure (the reason, 217/USER, is asserted
+        # above).  The instance's own "Failed at step USER spawning" line
+        # comes too on an idle host, but systemd 257 with every core busy
+        # was seen to lose it, so it is printed, not required.
         warnings = lambda: sd.ctl("-u", failed[0], "-p", "warning", "-o", "cat", tool="journalctl").stdout  # noqa: E731
-        log = wait_for(lambda: (lambda text: text if step in text else "")(warnings())) or warnings()
-        print(f"$ journalctl -u {failed[0]} -p warning\n{log}")
-        assert step in log, log
+        log = wait_for(lambda: (lambda text: text if "Failed with result 'exit-code'" in text else "")(warnings()))
+        print(f"$ journalctl -u {failed[0]} -p warning\n{log or warnings()}")
+        assert log, warnings()
     assert sd.state("smtp521-old.socket") == "active"
 
 
