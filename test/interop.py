@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from harness import ROOT, free_port
+from harness import ROOT, TEXT, free_port
 
 MODES = [("rcpt", []), ("greeting", ["-r", "greeting"]), ("close", ["-c"])]
 NAME = "mx.test"
@@ -434,7 +434,7 @@ def postfix_phase(r, binary):
         f.write(transport)
     # The MX-relay alternative of RFC 1846 section 3, as the man page gives it.
     with open("/etc/postfix/nomail", "w") as f:
-        f.write("nomail.test.invalid  556 5.1.10 nomail.test.invalid does not accept mail\n")
+        f.write(f"nomail.test.invalid  556 5.1.10 nomail.test.invalid {TEXT.decode()}\n")
     run(["postmap", "/etc/postfix/nomail"], check=True)
     with open("/etc/postfix/master.cf") as f:
         master = f.read().split("# smtp521 interop\n")[0]
@@ -483,7 +483,7 @@ def postfix_phase(r, binary):
         # Postfix 3.7 does not pass on the detail 10 of 5.1.10: it sends 5.1.0.
         checks.append(("Postfix MX-relay access map refuses with 556",
                        bool(refusal) and refusal[-1][4:].startswith("556 5.1.") and
-                       "does not accept mail" in refusal[-1], p.stdout[-400:]))
+                       TEXT.decode() in refusal[-1], p.stdout[-400:]))
     finally:
         run(["postfix", "stop"])
 
