@@ -436,6 +436,28 @@ def inetd_conf(path, port, binary, extra_args, suffix=None):
         f.write("\n".join(lines) + "\n")
 
 
+def tcpserver_line(port, binary, drop=()):
+    """smtp521(8)'s tcpserver line, as argv: on 127.0.0.1:PORT, running
+    BINARY, without its log redirection; without -u and -g when not root
+    (only root can change user); without the smtp521 options in `drop`
+    (each with its value)."""
+    with open(os.path.join(ROOT, "man", "smtp521.8")) as f:
+        man = f.read()
+    block = man.split("\n.Ss tcpserver\n", 1)[1].split(".Bd -literal -offset indent\n", 1)[1].split("\n.Ed\n")[0]
+    words = block.replace("\\e\n", " ").split()
+    at = words.index("/usr/local/sbin/smtp521")
+    assert words[0] == "tcpserver" and words[at - 2:at] == ["0", "25"] and words[-1].startswith("2>>"), words
+    server, program = words[:at - 2], words[at + 1:-1]
+    if os.geteuid() != 0:
+        for flag in ("-u", "-g"):
+            i = server.index(flag)
+            del server[i:i + 2]
+    for flag in drop:
+        i = program.index(flag)
+        del program[i:i + 2]
+    return server + ["127.0.0.1", str(port), binary] + program
+
+
 def wait_listening(port, host="127.0.0.1", family=socket.AF_INET, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -704,7 +726,7 @@ class Systemd:
         print(f"---- systemd's console:\n{self.output.text(join=True)[-4000:]}")
 
 
-def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None):
+def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None, others=None):
     """The one builder of unit directories for a private systemd
     (test/with-systemd), from the shipped units: smtp521.socket listening
     on 127.0.0.1:PORT and smtp521@.service passed through service() (both
@@ -712,8 +734,9 @@ def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None
     name and the services in it (without, systemd makes a plain
     smtp521.slice); for each (suffix, port, socket_edit, service_edit) in
     `variants`, a socket and service named smtp521-SUFFIX, through those
-    edits (None: as is).  Written into `into`, or into a new directory
-    (0755) that the caller removes; returns its path."""
+    edits (None: as is); and `others`, {name: text} of any other units
+    or files.  Written into `into`, or into a new directory (0755) that
+    the caller removes; returns its path."""
     d = into or tempfile.mkdtemp(prefix="smtp521-units-")
     os.chmod(d, 0o755)
     with open(os.path.join(ROOT, "smtp521.socket")) as f:
@@ -732,6 +755,7 @@ def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None
     for suffix, vport, socket_edit, service_edit in variants:
         files[f"smtp521-{suffix}.socket"] = (socket_edit or (lambda t: t))(listen(vport))
         files[f"smtp521-{suffix}@.service"] = (service_edit or (lambda t: t))(svc)
+    files.update(others or {})
     for name, text in files.items():
         with open(os.path.join(d, name), "w") as f:
             f.write(text)

@@ -272,7 +272,7 @@ async def hold_then_send(port, holders, sources, settle, tries=10, every=2.0, re
     watcher.cancel()
     await h.stop()
     return {"outcomes": outcomes, "counts": outcome_counts(outcomes), "peak": peak, "filled": filled,
-            "slowest": max(t for _, t in results),
+            "slowest": max(t for _, t in results), "fastest": min(t for _, t in results),
             "rate": rate, "connects": h.connects, "greeted": h.greeted, "refused": h.refused,
             "cut": h.cut, "cut_with_521": h.cut_with_521}
 

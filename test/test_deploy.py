@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import (BYE, GREET, LOG_FIELDS, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, free_port, inetd_conf, systemd_units, talk, wait_for,
+from harness import (BYE, GREET, LOG_FIELDS, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, free_port, inetd_conf, systemd_units, talk, tcpserver_line, wait_for,
                      wait_listening)
 
 
@@ -302,9 +302,10 @@ def test_inetd_rate_suffix_survives_a_burst(smtp521, server, world_copy, tmp_pat
 
 
 @pytest.mark.needs("tcpserver")
-def test_under_tcpserver(smtp521, server):
+def test_under_tcpserver(smtp521, server, world_copy):
+    # smtp521(8)'s line, as nobody when root runs it.
     port = free_port()
-    srv = server(["tcpserver", "-H", "-R", "127.0.0.1", str(port), smtp521, "-H", "mx.test", "-l", "stderr"], port)
+    srv = server(tcpserver_line(port, world_copy(smtp521)) + ["-H", "mx.test"], port)
     out, local = talk(port, SESSION_IN)
     err = srv.stop()
     assert out == SESSION_OUT, out
