@@ -37,6 +37,7 @@ class Holders:
         self.refused = 0       # ... closed before a greeting (MaxConnections=)
         self.cut = 0           # greeted, then closed by the server
         self.cut_with_521 = 0  # ... after a 521 line
+        self.cut_without = []  # ... the others: (seconds held, what came), at most 20
         self.open = 0          # greeted and still open
         self.stopping = False
         self.tasks = []
@@ -63,12 +64,16 @@ class Holders:
                     refused = False
                     self.greeted += 1
                     self.open += 1
+                    held = time.monotonic()
                     try:
-                        rest = await reader.read(4096)  # until the server cuts
+                        rest = await reader.read()  # all the server sends before it cuts
                     finally:
                         self.open -= 1
                     self.cut += 1
-                    self.cut_with_521 += rest.startswith(b"521 ")
+                    if rest.startswith(b"521 "):
+                        self.cut_with_521 += 1
+                    elif len(self.cut_without) < 20:
+                        self.cut_without.append((round(time.monotonic() - held, 3), greeting[:60], rest[:60]))
             except (OSError, asyncio.TimeoutError):
                 self.refused += 1
             finally:
@@ -274,7 +279,7 @@ async def hold_then_send(port, holders, sources, settle, tries=10, every=2.0, re
     return {"outcomes": outcomes, "counts": outcome_counts(outcomes), "peak": peak, "filled": filled,
             "slowest": max(t for _, t in results), "fastest": min(t for _, t in results),
             "rate": rate, "connects": h.connects, "greeted": h.greeted, "refused": h.refused,
-            "cut": h.cut, "cut_with_521": h.cut_with_521}
+            "cut": h.cut, "cut_with_521": h.cut_with_521, "cut_without": h.cut_without}
 
 
 async def slow_sender_and_probe(port, rtt, net=9):
