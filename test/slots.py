@@ -37,7 +37,7 @@ class Holders:
         self.refused = 0       # ... closed before a greeting (MaxConnections=)
         self.cut = 0           # greeted, then closed by the server
         self.cut_with_521 = 0  # ... after a 521 line
-        self.cut_without = []  # ... the others: (seconds held, what came), at most 20
+        self.cut_without = []  # ... the others: (seconds held, greeting, what came), at most 20
         self.open = 0          # greeted and still open
         self.stopping = False
         self.tasks = []
