@@ -616,10 +616,13 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
 // One line per session, of space-separated key=value fields, bounded by
 // construction: each value has a worst case, and the buffer is their sum.
 //
-// Client text (and the environment's) goes in escaped: printable ASCII but
-// '\\' as is, everything else (space, controls, CR, LF, 8-bit) as \xHH, so a
-// client can forge neither a line nor a field.  A value is cut at its
-// maximum of log text, on an escape's boundary, and the cut is marked "...".
+// Client text (and the environment's) goes in escaped, so that a line
+// splits back into exactly the values sent, and a client can forge neither
+// a line nor a field nor a cut: printable ASCII as is, but as \xHH a
+// backslash, a comma (it separates the rcpt= paths), a '.' right after a
+// '.' (no value holds "..." but the cut mark), and everything else (space,
+// controls, CR, LF, 8-bit).  A value is cut at its maximum of log text, on
+// an escape's boundary, and the cut is marked "..." at its end.
 constexpr std::string_view cut_mark = "...";
 constexpr std::size_t value_max = Argument::capacity;  // octets of log text
 constexpr std::size_t cut_value_max(std::size_t max) { return max + cut_mark.size(); }
@@ -629,8 +632,10 @@ void add_escaped(Text<N>& log, std::string_view s, std::size_t max, bool already
     static constexpr char hex[] = "0123456789abcdef";
     std::size_t written = 0;
     bool cut = already_cut;
+    unsigned char previous = 0;
     for (unsigned char c : s) {
-        const bool plain = c > 0x20 && c < 0x7f && c != '\\';
+        const bool plain = c > 0x20 && c < 0x7f && c != '\\' && c != ',' && !(c == '.' && previous == '.');
+        previous = c;
         if (written + (plain ? 1 : 4) > max) {
             cut = true;
             break;
@@ -832,16 +837,19 @@ struct Backstop {
     LogTarget target = LogTarget::none;
     bool sandbox = false;  // for the log line: confine() succeeded
     int socket = -1;       // made before the sandbox, which refuses socket()
-    sockaddr_un devlog{AF_UNIX, "/dev/log"};  // glibc's _PATH_LOG
 };
 Backstop backstop;
 
-// A datagram socket for the handler, with a send timeout of
-// backstop_wait_seconds: the handler only sends on it.
+// A datagram socket for the handler, connected to /dev/log (glibc's
+// _PATH_LOG) with a send timeout of backstop_wait_seconds: the handler only
+// sends on it, and the filter allows no send to an address.
 void open_backstop_socket() {
-    backstop.socket = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    const sockaddr_un devlog{AF_UNIX, "/dev/log"};
     const timeval wait{backstop_wait_seconds, 0};
-    if (backstop.socket >= 0 && setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait) != 0) {
+    backstop.socket = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (backstop.socket >= 0 &&
+        (setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait) != 0 ||
+         connect(backstop.socket, reinterpret_cast<const sockaddr*>(&devlog), sizeof devlog) != 0)) {
         close(backstop.socket);
         backstop.socket = -1;
     }
@@ -852,9 +860,7 @@ extern "C" void on_alarm(int) {
     if (i >= 0) {
         const auto& m = backstop.message[i];
         if (backstop.target == LogTarget::syslog) {
-            if (backstop.socket >= 0)
-                (void)!sendto(backstop.socket, m.bytes, m.length, MSG_NOSIGNAL, reinterpret_cast<const sockaddr*>(&backstop.devlog),
-                              sizeof backstop.devlog);
+            if (backstop.socket >= 0) (void)!send(backstop.socket, m.bytes, m.length, MSG_NOSIGNAL);
         } else if (backstop.target == LogTarget::stderr_) {
             // Never blocks: a socket is sent to with MSG_DONTWAIT, and a
             // pipe that polls writable takes a write of up to PIPE_BUF.
@@ -900,7 +906,7 @@ void prepare_backstop(const Session& s, Millis elapsed, const Peer& peer) {
 // stderr and syslog (test/test_sandbox.py keeps it so):
 constexpr int allowed_syscalls[] = {
     SYS_read, SYS_recvfrom,             // client input; the drain before close
-    SYS_write, SYS_sendto,              // replies; the log line (stderr, syslog, backstop)
+    SYS_write,                          // replies on a pipe; the log line to stderr
 #ifdef SYS_poll
     SYS_poll,                           // waiting against the deadline
 #endif
@@ -910,12 +916,28 @@ constexpr int allowed_syscalls[] = {
     SYS_clock_gettime, SYS_gettimeofday,  // the deadline, where the vDSO cannot
     SYS_getpid,                         // syslog(3)'s LOG_PID
     SYS_exit_group, SYS_exit,
+    // Calls the kernel makes a live process issue, whatever the program
+    // does.  restart_syscall: a poll() with a timeout that a stop
+    // interrupted (SIGSTOP and SIGCONT, a tracer attaching, the cgroup
+    // freezer) is resumed through it, with the time left (signal(7),
+    // "Interruption of system calls"); refused, the session would end
+    // there without its reply.  rt_sigreturn: the return from a signal
+    // handler, through the restorer the kernel put on the stack.
+    SYS_restart_syscall, SYS_rt_sigreturn,
 };
+
+// sendto is allowed only without a destination (its 5th and 6th arguments
+// zero), as send() and syslog(3) call it: a confined process writes only to
+// the client and to the sockets it connected before the greeting (/dev/log),
+// never to an address of its choosing.
+constexpr int sendto_unaddressed = SYS_sendto;
 
 // What each architecture adds: its audit number (a call made under any
 // other kills, see below), and the calls its glibc makes beyond the list
 // above, found under its own Debian kernel in qemu (test/qemu/run, which
 // also proves the filter there; README.md, Architectures).
+// The 32-bit ABIs (and ppc64el, s390x) also keep the older sigreturn, for
+// a handler installed without SA_SIGINFO: another call the kernel makes.
 #if defined(__x86_64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_X86_64;
 constexpr std::array<int, 0> arch_syscalls{};
@@ -923,7 +945,7 @@ constexpr std::array<int, 0> arch_syscalls{};
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_I386;
 // Without the vDSO, glibc's clock is the 64-bit-time call; its socket
 // calls go through socketcall(2) (below).
-constexpr std::array arch_syscalls{SYS_clock_gettime64};
+constexpr std::array arch_syscalls{SYS_clock_gettime64, SYS_sigreturn};
 #define SMTP521_SOCKETCALL 1
 #elif defined(__aarch64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_AARCH64;
@@ -932,13 +954,13 @@ constexpr std::array<int, 0> arch_syscalls{};
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_ARM;
 // glibc's send() and recv() are calls of their own here; without the
 // vDSO (a timer it cannot read), its clock is the 64-bit-time call.
-constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_clock_gettime64};
+constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_clock_gettime64, SYS_sigreturn};
 #elif defined(__powerpc64__) && defined(__LITTLE_ENDIAN__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_PPC64LE;
-constexpr std::array arch_syscalls{SYS_send, SYS_recv};  // as on ARM
+constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_sigreturn};  // as on ARM
 #elif defined(__s390x__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_S390X;
-constexpr std::array<int, 0> arch_syscalls{};
+constexpr std::array arch_syscalls{SYS_sigreturn};
 #define SMTP521_SOCKETCALL 1  // as on i386
 #elif defined(__riscv) && __riscv_xlen == 64
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_RISCV64;
@@ -950,9 +972,11 @@ constexpr std::array<int, 0> arch_syscalls{};
 
 // Where glibc, built for kernels older than 4.3, sends the socket calls
 // above through socketcall(2), whose first argument names the call: the
-// filter allows socketcall for these calls only.
+// filter allows socketcall for these calls only.  Its other arguments are
+// in memory, which a filter cannot read: so SYS_SEND, which has no
+// address (glibc's send() and syslog(3) use it), and not SYS_SENDTO.
 #if defined(SMTP521_SOCKETCALL)
-constexpr std::uint32_t allowed_socketcalls[] = {SYS_SEND, SYS_RECV, SYS_SENDTO, SYS_RECVFROM, SYS_SHUTDOWN};
+constexpr std::uint32_t allowed_socketcalls[] = {SYS_SEND, SYS_RECV, SYS_RECVFROM, SYS_SHUTDOWN};
 #endif
 
 // The AddressSanitizer build of make check also needs these to report an
@@ -978,9 +1002,13 @@ constexpr int sanitizer_mmap = SYS_mmap2;  // 32-bit: the sanitizer maps with mm
 constexpr int sanitizer_syscalls[] = {SYS_munmap, SYS_madvise, SYS_sigaltstack, SYS_gettid, sanitizer_readlink};
 
 // A system call's argument is 64 bits wide in seccomp_data; the filter
-// loads the 32-bit word that holds small values.
+// loads one 32-bit word at a time: the one that holds small values, or the
+// other half of a pointer.
 constexpr std::uint32_t low_word(std::size_t offset) {
     return static_cast<std::uint32_t>(offset + (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? 4 : 0));
+}
+constexpr std::uint32_t high_word(std::size_t offset) {
+    return static_cast<std::uint32_t>(offset + (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? 0 : 4));
 }
 
 // A classic BPF program built in a constant expression, so that its length
@@ -1043,6 +1071,15 @@ constexpr Bpf<N> seccomp_program() {
     auto allow_call = [&](int nr) { f.when(BPF_JEQ, static_cast<std::uint32_t>(nr), [&] { f.ret(allow); }); };
     for (int nr : allowed_syscalls) allow_call(nr);
     for (int nr : arch_syscalls) allow_call(nr);
+    // sendto(fd, buf, len, flags, NULL, 0) only.
+    f.when(BPF_JEQ, static_cast<std::uint32_t>(sendto_unaddressed), [&] {
+        for (std::uint32_t word : {low_word(offsetof(seccomp_data, args[4])), high_word(offsetof(seccomp_data, args[4])),
+                                   low_word(offsetof(seccomp_data, args[5]))}) {
+            f.load(word);
+            f.unless(BPF_JEQ, 0, [&] { f.ret(refuse); });
+        }
+        f.ret(allow);
+    });
 #if defined(SMTP521_SOCKETCALL)
     // socketcall: the call's number is its first argument.
     f.when(BPF_JEQ, SYS_socketcall, [&] {
@@ -1156,7 +1193,8 @@ Options parse_options(int argc, char** argv) {
     Options options;
     opterr = 0;  // our own one-line messages, never getopt's
     int opt;
-    while ((opt = getopt_long(argc, argv, ":r:cH:m:t:n:s:T:l:Vh", long_options, nullptr)) != -1) {
+    static const char short_options[] = ":r:cH:m:t:n:s:T:l:Vh";
+    while ((opt = getopt_long(argc, argv, short_options, long_options, nullptr)) != -1) {
         const std::string_view arg = optarg != nullptr ? optarg : "";
         switch (opt) {
         case 'r':
@@ -1217,9 +1255,18 @@ Options parse_options(int argc, char** argv) {
             (void)!write(1, usage_text.data(), usage_text.size());
             std::exit(exit_ok);
         case ':': usage_error("option '%.64s' needs a value", argv[optind - 1]);
-        default:
-            if (optopt != 0) usage_error("unknown option '-%c'", optopt);
-            usage_error("unknown option '%.64s'", argv[optind - 1]);
+        default: {
+            // Name what was typed.  getopt_long() sets optopt to 0 for a
+            // long option it does not know (or that abbreviates two), and
+            // to the option's own letter for a long option given a value it
+            // does not take (--close=yes): either way the word typed is
+            // argv[optind - 1].  Any other letter is an unknown short
+            // option, perhaps inside a group (-cx): only optopt names it.
+            const bool known_letter = optopt != 0 && optopt != ':' && std::strchr(short_options, optopt) != nullptr;
+            if (optopt == 0) usage_error("unknown or ambiguous option '%.64s'", argv[optind - 1]);
+            if (known_letter) usage_error("option '%.64s' takes no value", argv[optind - 1]);
+            usage_error("unknown option '-%c'", optopt);
+        }
         }
     }
     if (optind < argc) usage_error("unexpected argument '%.64s'", argv[optind]);
@@ -1263,14 +1310,34 @@ std::string_view default_hostname(Text<256>& buffer, const char* mailname) {
 // session that starts without it found fewer than --stress-at sessions,
 // no more than that many long sessions can ever be running.
 //
-// Anything unexpected (not an instance of a template, not in a slice, no
-// pids controller, a file that does not parse) gives -1: no signal, no
-// stress, the session as without it.  Under inetd and tcpserver every
-// session shares the super-server's cgroup, which holds other processes:
-// no signal there.  The pids controller is in the unified hierarchy
+// Only smtp521's own slice counts: smtp521.slice, or a slice below it
+// (smtp521-NAME.slice, whose cgroup systemd puts inside smtp521.slice's),
+// which a site names with the unit's Slice= to set limits of its own.
+// Any other slice holds other services' tasks, which are not sessions (a
+// site's own template unit in system.slice, say).  Anything unexpected
+// (another slice, not an instance of a template, no pids controller, a
+// file that does not parse) gives -1: no signal, no stress, the session as
+// without it.  Under inetd and tcpserver every session shares the
+// super-server's cgroup, which is no such slice: no signal there.  The pids controller is in the unified hierarchy
 // (/sys/fs/cgroup, line "0::") or, on a hybrid host, a v1 one of its own
 // (/sys/fs/cgroup/pids, a line "N:pids:").
 constexpr std::string_view cgroup_roots[][2] = {{"0::", "/sys/fs/cgroup"}, {":pids:", "/sys/fs/cgroup/pids"}};
+constexpr std::string_view own_slice = "smtp521.slice", own_subslice_prefix = "smtp521-";
+
+constexpr bool ends_with(std::string_view s, std::string_view suffix) {
+    return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
+// PATH is PARENT/SLICE/NAME@INSTANCE.service, with SLICE smtp521's own.
+constexpr bool is_own_session(std::string_view path) {
+    const std::size_t slash = path.rfind('/');
+    if (path.empty() || path.front() != '/' || slash == std::string_view::npos || slash == 0) return false;
+    const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);
+    const std::string_view slice = tail(parent, parent.rfind('/') + 1);
+    const bool own = slice == own_slice || (head(slice, own_subslice_prefix.size()) == own_subslice_prefix &&
+                                             ends_with(slice, ".slice"));
+    return own && ends_with(unit, ".service") && unit.find('@') != std::string_view::npos;
+}
 
 // The whole of a small file, or an empty view.
 std::string_view read_small_file(const char* path, Text<1024>& buffer) {
@@ -1300,15 +1367,8 @@ int stress_sessions() {
                                                     : line.find(root[0]);
             if (at != std::string_view::npos) path = tail(line, at + root[0].size());
         }
-        // PARENT.slice/NAME@INSTANCE.service
-        const std::size_t slash = path.rfind('/');
-        if (path.empty() || path.front() != '/' || slash == std::string_view::npos || slash == 0) continue;
-        const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);
-        constexpr std::string_view slice = ".slice", service = ".service";
-        if (parent.size() < slice.size() || parent.substr(parent.size() - slice.size()) != slice ||
-            unit.size() < service.size() || unit.substr(unit.size() - service.size()) != service ||
-            unit.find('@') == std::string_view::npos)
-            continue;
+        if (!is_own_session(path)) continue;
+        const std::string_view parent = head(path, path.rfind('/'));
         char file[1200];
         const int n = std::snprintf(file, sizeof file, "%.*s%.*s/pids.current", static_cast<int>(root[1].size()),
                                     root[1].data(), static_cast<int>(parent.size()), parent.data());

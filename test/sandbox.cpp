@@ -120,3 +120,44 @@ TEST_CASE("under the filter, AddressSanitizer still reports and fails the proces
     CHECK(WEXITSTATUS(status) != 100);  // it did confine itself
 }
 #endif
+
+TEST_CASE("sendto an address is refused; send on a socket connected before the filter is not") {
+    // The syslog and backstop sockets are connected before the filter; a
+    // confined process must not reach any other socket on the host with
+    // one of them (journald's, say), nor with the client's.
+    int receiver = socket(AF_UNIX, SOCK_DGRAM, 0), sender = socket(AF_UNIX, SOCK_DGRAM, 0);
+    REQUIRE(receiver >= 0);
+    REQUIRE(sender >= 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    const std::string name = "smtp521-sandbox-" + std::to_string(getpid());  // abstract: nothing to clean up
+    std::memcpy(address.sun_path + 1, name.data(), name.size());
+    const auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+    REQUIRE(bind(receiver, reinterpret_cast<sockaddr*>(&address), length) == 0);
+    REQUIRE(connect(sender, reinterpret_cast<sockaddr*>(&address), length) == 0);
+    int status = confined([&] {
+        int failures = 0;
+        failures |= refused(sendto(sender, "addressed", 9, 0, reinterpret_cast<sockaddr*>(&address), length), 1);
+        if (send(sender, "connected", 9, 0) != 9) failures |= 2;
+        return failures;
+    });
+    CHECK(exit_code(status) == 0);  // 1: sendto to an address got through; 2: send did not
+    char buffer[16] = {};
+    CHECK(recv(receiver, buffer, sizeof buffer, MSG_DONTWAIT) == 9);
+    CHECK(std::string(buffer, 9) == "connected");
+    CHECK(recv(receiver, buffer, sizeof buffer, MSG_DONTWAIT) == -1);  // nothing else arrived
+    close(sender);
+    close(receiver);
+}
+
+TEST_CASE("restart_syscall, which the kernel makes a stopped poll() call, is allowed") {
+    // Called with nothing to restart, the kernel answers EINTR; refused,
+    // EPERM (then a session that was stopped, traced or frozen while it
+    // waited would end there without its reply).
+    int status = confined([] {
+        errno = 0;
+        long result = syscall(SYS_restart_syscall);
+        return result == -1 && errno == EINTR ? 0 : (errno == EPERM ? 1 : 2);
+    });
+    CHECK(exit_code(status) == 0);
+}

@@ -3,16 +3,19 @@ the calls it allows are all a session makes (strace in every situation
 finds no refused call), and a kernel that refuses the filter costs the
 filter, not the session.  test/sandbox.cpp tests the filter itself (what
 it refuses)."""
+import glob
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 
 import pytest
 
-from harness import BYE, BYE_521, GREET, ROOT, Child, build, crlf, fields
+from harness import (BYE, BYE_521, GREET, HOST_LIMIT, ROOT, Child, build, cgroup_hierarchies, cgroup_mounts, crlf,
+                     fields, need, wait_for)
 
 BINARIES = [build("smtp521"), build("smtp521-asan")]
 # i386's glibc sends socket calls through socketcall(2), which the filter
@@ -203,3 +206,146 @@ def test_a_kernel_that_refuses_the_filter_costs_only_the_filter(name):
     assert p.stdout == plain.stdout
     assert fields(p.stderr.decode().strip().splitlines()[-1])["sandbox"] == "off", p.stderr
     assert fields(plain.stderr.decode().strip().splitlines()[-1])["sandbox"] == "on", plain.stderr
+
+
+# ------------------------------------------------------------ stopped, traced, frozen
+
+# A session waits in poll() with a timeout.  A stop interrupts that wait,
+# and the kernel resumes it through restart_syscall (signal(7)): the
+# filter must let it through, or the session ends end=read-error with no
+# reply.  Each case stops the session while it waits for a command, lets
+# it go, then sends QUIT: it must answer 221 and log end=quit.
+
+def state(pid):
+    """The process's state letter (/proc/PID/stat), T when stopped."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def waits_in_poll(pid):
+    with open(f"/proc/{pid}/wchan") as f:
+        return "poll" in f.read()
+
+
+def tracer(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^TracerPid:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def stop_and_continue(pid):
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_for(lambda: state(pid) == "T"), state(pid)
+    os.kill(pid, signal.SIGCONT)
+    assert wait_for(lambda: state(pid) != "T"), state(pid)
+
+
+def attach_and_detach_strace(pid):
+    # strace seizes the process, which interrupts its poll() (strace shows
+    # it resumed as restart_syscall), and detaches on SIGINT.
+    with tempfile.TemporaryDirectory(prefix="smtp521-strace-") as work:
+        trace = os.path.join(work, "trace")
+        s = subprocess.Popen([STRACE, "-qq", "-o", trace, "-p", str(pid)], stderr=subprocess.PIPE)
+        try:
+            assert wait_for(lambda: tracer(pid) == s.pid), tracer(pid)
+            assert wait_for(lambda: os.path.exists(trace) and "restart_syscall" in open(trace).read()), \
+                open(trace).read() if os.path.exists(trace) else "no trace"
+        finally:
+            s.send_signal(signal.SIGINT)
+            s.wait(timeout=20)
+        assert tracer(pid) == 0
+        with open(trace) as f:
+            text = f.read()
+    assert "EPERM" not in text, text
+
+
+def freezer():
+    """The cgroup freezer here: ("v1", mount) with freezer.state, ("v2",
+    mount) with cgroup.freeze, or (None, why neither)."""
+    for mount, fstype, opts in cgroup_hierarchies():
+        if fstype == "cgroup" and "freezer" in opts:
+            return "v1", mount
+    v2, _ = cgroup_mounts()
+    if v2 and glob.glob(os.path.join(v2, "*", "cgroup.freeze")):
+        return "v2", v2
+    return None, HOST_LIMIT + "no cgroup freezer (neither v1's freezer hierarchy nor v2's cgroup.freeze)"
+
+
+def freeze_and_thaw(pid):
+    kind, root = freezer()
+    with open(f"/proc/{pid}/cgroup") as f:
+        # "0::/path" on v2, "N:freezer:/path" on v1: where it goes back to.
+        home = next(line.split(":", 2)[2] for line in f.read().splitlines()
+                    if (kind == "v2" and line.startswith("0::")) or (kind == "v1" and ":freezer:" in line))
+    group = tempfile.mkdtemp(prefix="smtp521-freeze-", dir=root)
+    control, frozen, thawed = (("cgroup.freeze", "1", "0") if kind == "v2" else
+                               ("freezer.state", "FROZEN", "THAWED"))
+
+    def write(directory, name, value):
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(value)
+
+    def frozen_now():
+        if kind == "v2":
+            with open(os.path.join(group, "cgroup.events")) as f:
+                return "frozen 1" in f.read().splitlines()
+        with open(os.path.join(group, "freezer.state")) as f:
+            return f.read().strip() == "FROZEN"
+
+    try:
+        write(group, "cgroup.procs", str(pid))
+        write(group, control, frozen)
+        assert wait_for(frozen_now), "not frozen"
+        assert state(pid) in "DST", state(pid)
+        write(group, control, thawed)
+        assert wait_for(lambda: not frozen_now()), "not thawed"
+    finally:
+        write(root + home.rstrip("/") if home != "/" else root, "cgroup.procs", str(pid))
+        os.rmdir(group)
+
+
+def run_interrupted(binary, kind, interrupt):
+    """A session on a pipe or a socket, interrupted while it waits for a
+    command; returns what the client read and the log line."""
+    argv = [binary, "-H", "mx.test", "-l", "stderr"]
+    if kind == "pipe":
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=TRACED_ENV)
+        try:
+            greeting = p.stdout.readline()
+            assert wait_for(lambda: waits_in_poll(p.pid)), "not waiting in poll()"
+            interrupt(p.pid)
+            out, err = p.communicate(b"QUIT\r\n", timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        return greeting + out, err.decode()
+    c = Child(binary, argv[1:], sock_kind=kind, env=TRACED_ENV)
+    greeting = c.read_lines(1)
+    assert wait_for(lambda: waits_in_poll(c.proc.pid)), "not waiting in poll()"
+    interrupt(c.proc.pid)
+    c.send(b"QUIT\r\n")
+    out = c.read_until_eof(timeout=30)
+    assert c.wait(timeout=30) == 0
+    return greeting + out, c.stderr.decode()
+
+
+INTERRUPTS = {
+    "stop-continue": (stop_and_continue, ()),
+    "strace-attach": (attach_and_detach_strace, ("strace",)),
+    "freezer": (freeze_and_thaw, ("root",)),
+}
+
+
+@pytest.mark.parametrize("kind", ["pipe", "pair", "tcp"])
+@pytest.mark.parametrize("interrupt", sorted(INTERRUPTS))
+@pytest.mark.parametrize("name", TRACED_BINARIES)
+def test_a_stopped_traced_or_frozen_session_still_answers(name, interrupt, kind):
+    action, needs = INTERRUPTS[interrupt]
+    need(*needs)
+    if interrupt == "freezer" and freezer()[0] is None:
+        pytest.skip(freezer()[1])
+    out, log = run_interrupted(binary_path(name), kind, action)
+    assert out == GREET + BYE, out
+    line = fields(log.strip().splitlines()[-1])
+    assert line["end"] == "quit" and line["sandbox"] == "on", log
