@@ -55,8 +55,9 @@ def read(name):
 # The private systemd shares the host's cgroup hierarchies, and so does
 # any other private systemd running at the same time (another test run):
 # the slice gets a name of this process's own, or two runs would share one
-# cgroup and its limits.
-SLICE = f"smtp521t{os.getpid()}.slice"
+# cgroup and its limits.  It is a slice below smtp521.slice, the only ones
+# whose sessions smtp521 counts for its stress signal.
+SLICE = f"smtp521-t{os.getpid()}.slice"
 # The least share of its idle throughput that a CPU-bound process outside
 # the slice must keep while a flood runs through it.  Measured on 2 shared
 # CPUs in twelve runs: 42-62% with the slice, 35-50% without (the man

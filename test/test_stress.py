@@ -10,13 +10,16 @@ import collections
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_containment import binary, boot, units, journal  # noqa: E402,F401 (fixtures)
+from test_containment import SLICE, binary, boot, units, journal  # noqa: E402,F401 (fixtures)
+from harness import ROOT, cut_by, free_port, unit_dir, wait_for  # noqa: E402
 import slots  # noqa: E402
 
 SLOTS = 512
@@ -130,3 +133,50 @@ def test_slow_sender_under_stress_is_not_cut(attacked, binary):
     assert timeout - 1 <= cut_after < timeout + 30, cut_after
     e = ends(sd)
     assert e["quit"] == 1 and e["stress"] == 1, e
+
+
+def silent_client(port, timeout):
+    """Connect, read the greeting, say nothing: (seconds until the server
+    closed, the greeting, what came after it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        began = time.monotonic()
+        f = s.makefile("rb")
+        greeting = f.readline()
+        rest = f.read()
+        return time.monotonic() - began, greeting, rest
+
+
+def test_a_foreign_template_unit_gives_no_stress_signal(boot, binary):
+    # The stress signal is smtp521's own: a session of another template
+    # unit (here the shipped units renamed, in system.slice, as a site's own
+    # Accept=yes socket without Slice=smtp521.slice would be) counts no
+    # sessions, however many tasks its slice holds; the same session in
+    # smtp521's slice is under stress.  -s 1: every session of a counted
+    # slice is.  Before, the foreign one was cut at -T with end=stress.
+    port, foreign = free_port(), free_port()
+    with open(os.path.join(ROOT, "smtp521.socket")) as f:
+        sock = f.read().replace("\nListenStream=25\n", f"\nListenStream=127.0.0.1:{foreign}\n")
+    with open(os.path.join(ROOT, "smtp521@.service")) as f:
+        svc = f.read().replace("\nSlice=smtp521.slice\n", "\n")
+    sd = boot(unit_dir(port, slice=SLICE, others={"foreign.socket": sock, "foreign@.service": svc}))
+    stress_timeout, timeout = 1, 4
+    sd.write("/etc/default/smtp521", f'SMTP521_OPTS="-s 1 -T {stress_timeout} -t {timeout}"\n')
+    sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket", "foreign.socket")
+    own_took, own_greeting, own_rest = silent_client(port, 60)
+    foreign_took, foreign_greeting, foreign_rest = silent_client(foreign, 60)
+    print(f"\nown slice: cut after {own_took:.1f} s; foreign unit: after {foreign_took:.1f} s")
+    assert own_greeting.startswith(b"220 ") and own_rest.startswith(b"521 5.3.2 "), (own_greeting, own_rest)
+    assert stress_timeout <= own_took < timeout, own_took
+    assert foreign_greeting.startswith(b"220 ") and foreign_rest == b"", (foreign_greeting, foreign_rest)
+    assert timeout <= foreign_took < cut_by(timeout), foreign_took
+
+    def lines():
+        by_unit = {}
+        for e in journal(sd, "-t", "smtp521"):
+            if " end=" in e.get("MESSAGE", ""):
+                by_unit[e.get("_SYSTEMD_UNIT", "").split("@")[0]] = e["MESSAGE"]
+        return by_unit if len(by_unit) == 2 else None
+    ends = wait_for(lines)
+    assert ends, journal(sd, "-t", "smtp521")
+    assert " end=stress " in ends["smtp521"], ends
+    assert " end=timeout " in ends["foreign"], ends

@@ -38,7 +38,7 @@ from harness import Systemd, free_port, inetd_conf, tcpserver_line, unit_dir, wa
 import slots  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SLICE = f"smtp521b{os.getpid()}.slice"
+SLICE = f"smtp521-b{os.getpid()}.slice"  # below smtp521.slice: counted for stress
 
 
 def unitdir(port, service_extra=""):

@@ -283,6 +283,28 @@ int main() {
         std::printf("@@ scenario client-reset status=%d out=%s log=%s\n", status, hex(greeting).c_str(),
                     hex(log).c_str());
     }
+    // Stopped and continued while it waits in poll(): the kernel resumes
+    // the wait through restart_syscall, which the filter must allow.
+    {
+        Run r = start("/smtp521", {"-H", "mx.test", "-l", "stderr"}, true);
+        std::string greeting, out, log;
+        char c;
+        while (greeting.find('\n') == std::string::npos && read(r.client, &c, 1) == 1) greeting += c;
+        const std::string wchan = "/proc/" + std::to_string(r.pid) + "/wchan";
+        for (int i = 0; i < 500 && read_file(wchan).find("poll") == std::string::npos; ++i) usleep(10000);
+        const std::string waited = read_file(wchan);
+        int stopped = 0, continued = 0;
+        kill(r.pid, SIGSTOP);
+        while (waitpid(r.pid, &stopped, WUNTRACED) < 0 && errno == EINTR) {
+        }
+        kill(r.pid, SIGCONT);
+        while (waitpid(r.pid, &continued, WCONTINUED) < 0 && errno == EINTR) {
+        }
+        int status = finish(r, "QUIT\r\n", out, log);
+        std::printf("@@ scenario stop-continue status=%d out=%s log=%s wchan=%s stopped=%d continued=%d\n", status,
+                    hex(greeting + out).c_str(), hex(log).c_str(), waited.c_str(), WIFSTOPPED(stopped) ? 1 : 0,
+                    WIFCONTINUED(continued) ? 1 : 0);
+    }
     {
         int devlog = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
         sockaddr_un addr{};
