@@ -74,8 +74,15 @@ class Holders:
                         self.cut_with_521 += 1
                     elif len(self.cut_without) < 20:
                         self.cut_without.append((round(time.monotonic() - held, 3), greeting[:60], rest[:60]))
-            except (OSError, asyncio.TimeoutError):
-                self.refused += 1
+            except (OSError, asyncio.TimeoutError) as e:
+                if refused:
+                    self.refused += 1
+                else:
+                    # Greeted, then reset (or no greeting line in time):
+                    # a cut that carried no 521.
+                    self.cut += 1
+                    if len(self.cut_without) < 20:
+                        self.cut_without.append((round(time.monotonic() - held, 3), greeting[:60], repr(e)))
             finally:
                 writer.close()
             if not self.reconnect:

@@ -64,11 +64,10 @@ def run(coroutine):
 
 
 def cut_cleanly(r):
-    """Whether the holders that were cut read the 521 first (a cut is a
-    permanent refusal, never a silent close).  With every core busy one
-    holder in 1192 once read none, cause unknown: up to one in a hundred
-    may miss it; what they read, and when, is in r["cut_without"]."""
-    return r["cut"] - r["cut_with_521"] <= r["cut"] // 100
+    """Whether every holder that was cut read the 521 first (a cut is a
+    permanent refusal, never a silent close nor a reset); what the others
+    read, and when, is in r["cut_without"]."""
+    return r["cut"] == r["cut_with_521"]
 
 
 @pytest.mark.parametrize("sources", [16, 512], ids=["16-sources", "512-sources"])
@@ -91,16 +90,14 @@ def test_silent_holders_cannot_keep_a_sender_out(attacked, binary, sources):
 
 
 def test_reconnecting_attacker_must_flood(attacked, binary):
-    # Target 2: every holder reconnects as soon as it is cut.  The goal (the
-    # sender gets in at least half its tries, or the attacker needed at
+    # Target 2: every holder reconnects as soon as it is cut.  The goal:
+    # the sender gets in at least half its tries, or the attacker needed at
     # least half the session rate of a plain flood of the same private
-    # systemd) holds on an idle host (test/bench/RESULTS.md, make bench
-    # BENCH=stress) but not with every core busy: a starved PID 1 spawns
-    # late, so each cut slot stays held longer and fewer reconnections keep
-    # it (measured with one CPU hog per core: out in 5 of 10 tries at a third
-    # of the flood's rate).  Asserted here is what holds on any host: the
-    # stress mode lets a sender through a reconnecting attacker slower than
-    # a flood.
+    # systemd.  It holds on an idle host, as CI's is (test/bench/RESULTS.md,
+    # make bench BENCH=stress), not with every core busy: a starved PID 1
+    # spawns late, so each cut slot stays held longer and fewer
+    # reconnections keep it (one CPU hog per core: out in 5 of 10 tries at
+    # a third of the flood's rate).
     sd, port = attacked
     flood = run(slots.flood(port, 6, 48))
     run(slots.drain(sd.pid))
@@ -109,9 +106,7 @@ def test_reconnecting_attacker_must_flood(attacked, binary):
     print(f"\nflood {flood:.0f} sessions/s; reconnecting attacker {r['rate']:.0f} connections/s "
           f"kept the sender out in {100 * kept_out:.0f}% of its tries; {r}; ends {dict(ends(sd))}")
     assert flood > 0
-    print(f"goal (out in under half the tries, or the attacker at half the flood's rate or more): "
-          f"{'met' if kept_out < 0.5 or r['rate'] >= flood / 2 else 'not met'}")
-    assert kept_out < 1 or r["rate"] >= flood, (flood, r)
+    assert kept_out <= 0.5 or r["rate"] >= flood / 2, (flood, r)
     assert cut_cleanly(r), r
     assert sd.failed() == [], sd.failed()
 
