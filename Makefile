@@ -8,6 +8,7 @@ SBINDIR  ?= $(PREFIX)/sbin
 MANDIR   ?= $(PREFIX)/share/man
 DOCDIR   ?= $(PREFIX)/share/doc/smtp521
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 # Debian's interpreter, which has python3-pytest (a python3 earlier on PATH,
 # e.g. pyenv's, may lack it).
 PYTHON   ?= /usr/bin/python3
@@ -181,7 +182,9 @@ INSTALLED_PATHS = -e 's|/usr/local/sbin/smtp521|$(SBINDIR)/smtp521|g' \
 	-e 's|/usr/local/share/doc/smtp521/|$(DOCDIR)/|g'
 
 # Install into $(DESTDIR)$(PREFIX); the service unit's ExecStart follows
-# SBINDIR, and the man page's footer gets the version.
+# SBINDIR, and the man page's footer gets the version.  The unit's user
+# (debian/smtp521.sysusers) is made at once when installing into this
+# system; uninstall keeps it, as Debian does at purge.
 install: smtp521
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR)
 	install -m 755 smtp521 $(DESTDIR)$(SBINDIR)/smtp521
@@ -195,12 +198,18 @@ install: smtp521
 		> $(DESTDIR)$(DOCDIR)/inetd.conf.example
 	chmod 644 $(DESTDIR)$(DOCDIR)/inetd.conf.example
 	install -m 644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -d $(DESTDIR)$(SYSUSERSDIR)
+	install -m 644 debian/smtp521.sysusers $(DESTDIR)$(SYSUSERSDIR)/smtp521.conf
+	@# The unit's user, now: systemd-sysusers makes it at boot from then on.
+	if [ -z "$(DESTDIR)" ] && command -v systemd-sysusers >/dev/null; then \
+		systemd-sysusers $(SYSUSERSDIR)/smtp521.conf; fi
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/smtp521 $(DESTDIR)$(MANDIR)/man8/smtp521.8 \
 		$(DESTDIR)$(UNITDIR)/smtp521.socket $(DESTDIR)$(UNITDIR)/smtp521@.service \
 		$(DESTDIR)$(UNITDIR)/smtp521.slice \
-		$(DESTDIR)$(DOCDIR)/inetd.conf.example $(DESTDIR)$(DOCDIR)/README.md
+		$(DESTDIR)$(DOCDIR)/inetd.conf.example $(DESTDIR)$(DOCDIR)/README.md \
+		$(DESTDIR)$(SYSUSERSDIR)/smtp521.conf
 	-rmdir $(DESTDIR)$(DOCDIR)
 
 # The Debian package (debian/), built from a copy, in a temporary

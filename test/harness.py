@@ -734,8 +734,8 @@ def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None
     name and the services in it (without, systemd makes a plain
     smtp521.slice); for each (suffix, port, socket_edit, service_edit) in
     `variants`, a socket and service named smtp521-SUFFIX, through those
-    edits (None: as is); and `others`, {name: text} of any other units
-    or files.  Written into `into`, or into a new directory (0755) that
+    edits (None: as is); the package's sysusers file, whose user the
+    units run as; and `others`, {name: text} of any other units or files.  Written into `into`, or into a new directory (0755) that
     the caller removes; returns its path."""
     d = into or tempfile.mkdtemp(prefix="smtp521-units-")
     os.chmod(d, 0o755)
@@ -755,6 +755,9 @@ def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None
     for suffix, vport, socket_edit, service_edit in variants:
         files[f"smtp521-{suffix}.socket"] = (socket_edit or (lambda t: t))(listen(vport))
         files[f"smtp521-{suffix}@.service"] = (service_edit or (lambda t: t))(svc)
+    # The units' User=, made by test/with-systemd in its namespace only.
+    with open(os.path.join(ROOT, "debian", "smtp521.sysusers")) as f:
+        files["smtp521.sysusers"] = f.read()
     files.update(others or {})
     for name, text in files.items():
         with open(os.path.join(d, name), "w") as f:

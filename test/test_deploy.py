@@ -67,7 +67,11 @@ def test_units_pass_systemd_analyze_verify(smtp521, tmp_path):
 COSTLY = ("DynamicUser", "PrivateUsers", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
           "PrivateMounts", "PrivateIPC", "ProtectHostname", "ProtectKernelTunables", "ProtectKernelModules",
           "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProcSubset", "ReadOnlyPaths",
-          "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "SystemCallFilter", "User")
+          "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "SystemCallFilter")
+# The system user the package makes (its one home): the unit's User=, worth
+# its cost (make bench BENCH=units) so that no session runs as root.
+with open(os.path.join(ROOT, "debian", "smtp521.sysusers")) as f:
+    SYSTEM_USER = re.search(r"^u (\S+) ", f.read(), re.M).group(1)
 
 
 @pytest.mark.needs("systemd-analyze")
@@ -86,7 +90,8 @@ def test_service_holds_no_option_that_costs_a_connection():
     # What stays, because nothing in-process gives it.
     want = {"CapabilityBoundingSet": [""], "AmbientCapabilities": [""], "NoNewPrivileges": ["yes"],
             "DevicePolicy": ["closed"], "IPAddressDeny": ["any"],
-            "RestrictAddressFamilies": ["none"], "RestrictNamespaces": ["yes"], "TasksMax": ["1"]}
+            "RestrictAddressFamilies": ["none"], "RestrictNamespaces": ["yes"], "TasksMax": ["1"],
+            "User": [SYSTEM_USER]}
     for key, value in want.items():
         assert svc.get(key) == value, (key, svc.get(key))
     assert "MemoryMax" in svc and "LimitNOFILE" in svc and "RuntimeMaxSec" in svc
@@ -112,7 +117,7 @@ def test_man_page_table_names_every_sandbox_option():
     for key in keys:
         assert re.search(rf"\b{key}=", section), key
     # The options left out are there too, with their cost.
-    for key in ("DynamicUser", "PrivateUsers", "SystemCallFilter", "ProtectSystem", "User"):
+    for key in ("DynamicUser", "PrivateUsers", "SystemCallFilter", "ProtectSystem"):
         assert re.search(rf"\b{key}=", section), key
 
 
@@ -168,7 +173,7 @@ def test_install_and_uninstall_with_destdir(smtp521, tmp_path):
                 "opt/s5/lib/systemd/system/smtp521@.service": 0o644,
                 "opt/s5/lib/systemd/system/smtp521.slice": 0o644,
                 "opt/s5/share/doc/smtp521/inetd.conf.example": 0o644,
-                "opt/s5/share/doc/smtp521/README.md": 0o644}
+                "opt/s5/share/doc/smtp521/README.md": 0o644, "opt/s5/lib/sysusers.d/smtp521.conf": 0o644}
         found = {os.path.relpath(os.path.join(d, f), dest) for d, _, fs in os.walk(dest) for f in fs}
         assert found == set(want), found
         for path, mode in want.items():
@@ -402,7 +407,7 @@ def test_under_real_systemd_accept_yes(systemd):
         assert len(entries) == 1, entries
         e = entries[0]
         assert e["SYSLOG_FACILITY"] == "2" and e["PRIORITY"] == "6", e
-        assert e["_UID"] == "0", e  # root without capabilities (test below)
+        assert e["_UID"] not in ("", "0"), e  # the package's system user (test below)
         f = fields(e["MESSAGE"])
         assert f["peer"] == f"127.0.0.1:{local}" and f["end"] == "quit" and f["rcpt"] == "<b@mx.test>", f
         assert f["sandbox"] == "on", f  # inside the unit's own sandbox too
@@ -438,8 +443,8 @@ def test_under_real_systemd_accept_yes(systemd):
 def test_under_real_systemd_the_process_as_the_unit_makes_it(systemd):
     # While a session waits for the client: no capabilities in any set,
     # no way to gain one, both filters (systemd's and smtp521's own), a
-    # network namespace but the host's (see below), and root's UID (the unit
-    # has no User=; see the man page, "The unit's sandbox").
+    # network namespace but the host's (see below), and the UID of the
+    # package's system user (debian/smtp521.sysusers), never root's.
     port, unused = free_port(), free_port()
     unitdir = systemd_units(port, unused)
     try:
@@ -458,7 +463,8 @@ def test_under_real_systemd_the_process_as_the_unit_makes_it(systemd):
             for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
                 assert st[cap].strip() == "0000000000000000", (cap, status)
             assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", status
-            assert st["Uid"].split() == ["0"] * 4, status
+            uid = sd.ctl("-u", SYSTEM_USER, tool="id").stdout.strip()
+            assert uid != "0" and st["Uid"].split() == [uid] * 4, (uid, status)
             # systemd's RestrictAddressFamilies=/RestrictNamespaces= filters
             # and smtp521's own: more than one.
             assert int(st["Seccomp_filters"]) >= 2, status

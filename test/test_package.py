@@ -38,6 +38,9 @@ UNITDIR = subprocess.run(["pkg-config", "--variable=systemdsystemunitdir", "syst
                          capture_output=True, text=True).stdout.strip().strip("/") \
     if shutil.which("pkg-config") else "lib/systemd/system"
 
+# The system user the unit runs as, made by the postinst (dh_installsysusers).
+SYSUSERS = "usr/lib/sysusers.d/smtp521.conf"
+
 # What the package holds, and its modes: every file the package must ship.
 FILES = {
     "etc/default/smtp521": 0o644,
@@ -52,6 +55,7 @@ FILES = {
     "usr/share/doc/smtp521/inetd.conf.example": 0o644,
     "usr/share/lintian/overrides/smtp521": 0o644,
     "usr/share/man/man8/smtp521.8.gz": 0o644,
+    SYSUSERS: 0o644,
 }
 
 # What dpkg-buildpackage leaves behind when run in the tree itself.
@@ -294,6 +298,7 @@ def test_units_from_the_package_serve_a_session(package):
     for name in UNITS:
         with open(os.path.join(units, name), "w") as f:
             f.write(unit_copy(package, name, f"127.0.0.1:{port}", envfile=env))
+    shutil.copy(package.path(SYSUSERS), os.path.join(units, "smtp521.sysusers"))  # its user, made by with-systemd
     sd = Systemd(units, package.path("usr/sbin/smtp521"))
     try:
         sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket")
@@ -347,10 +352,18 @@ class Namespace:
                               capture_output=True, text=True, timeout=120, env=env)
 
     def unpack(self):
-        self.sh(f"cp {self.units}/* /lib/systemd/system/")
+        # /usr/lib/sysusers.d is the namespace's own (test/with-systemd).
+        self.sh(f"cp {self.units}/* /lib/systemd/system/; cp {self.package.path(SYSUSERS)} /{SYSUSERS}")
 
     def delete(self):
-        self.sh("rm -f " + " ".join(f"/lib/systemd/system/{n}" for n in UNITS))
+        self.sh("rm -f " + " ".join(f"/lib/systemd/system/{n}" for n in UNITS) + f" /{SYSUSERS}")
+
+    def user(self):
+        """The package's system user in the namespace's /etc/passwd (an
+        overlay: the host's stays as it was), or None."""
+        name = re.search(r"^u (\S+) ", open(self.package.path(SYSUSERS)).read(), re.M).group(1)
+        p = self.sh(f"getent passwd {name}")
+        return p.stdout.split(":") if p.returncode == 0 else None
 
     def script(self, name, *args):
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DPKG_MAINTSCRIPT_PACKAGE": "smtp521",
@@ -388,12 +401,20 @@ def test_install_upgrade_remove_purge_under_systemd(package):
     name = default_name()
     try:
         ns.unpack()
+        assert ns.user() is None
         ns.script("postinst", "configure")
         assert wait_state(ns, ("active", "enabled")) == ("active", "enabled")
         out, _ = talk(port, SESSION_IN, timeout=30)
         assert out == expected(name), out
+        # The postinst made the system user, and a session runs as it.
+        user = ns.user()
+        assert user and int(user[2]) != 0 and user[6].strip().endswith("nologin"), user
 
         held, got = start_session(port)
+        instance = ns.sd.ctl("list-units", "--plain", "--no-legend", "smtp521@*").stdout.split()[0]
+        pid = ns.sd.ctl("show", "-p", "MainPID", "--value", instance).stdout.strip()
+        status = ns.sh(f"cat /proc/{pid}/status").stdout
+        assert re.search(rf"^Uid:\t{user[2]}\t{user[2]}\t{user[2]}\t{user[2]}$", status, re.M), status
         before = ns.sd.ctl("show", "-p", "InvocationID", "--value", "smtp521.socket").stdout.strip()
         ns.script("prerm", "upgrade", v)
         ns.unpack()
@@ -416,6 +437,9 @@ def test_install_upgrade_remove_purge_under_systemd(package):
         ns.script("postrm", "purge")
         left = ns.sh("find /etc/systemd/system /var/lib/systemd -name '*smtp521*'").stdout.split()
         assert left == [], left
+        # Debian keeps a system user at purge: a uid given to another user
+        # later would own what the old one left.
+        assert ns.user() == user, ns.user()
     finally:
         ns.close()
 
