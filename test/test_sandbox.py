@@ -349,3 +349,91 @@ def test_a_stopped_traced_or_frozen_session_still_answers(name, interrupt, kind)
     assert out == GREET + BYE, out
     line = fields(log.strip().splitlines()[-1])
     assert line["end"] == "quit" and line["sandbox"] == "on", log
+
+
+def alarm_handler_running(pid):
+    """SIGALRM is in the blocked mask only while its handler runs."""
+    with open(f"/proc/{pid}/status") as f:
+        blocked = int(re.search(r"^SigBlk:\s+([0-9a-f]+)$", f.read(), re.M).group(1), 16)
+    return blocked & (1 << (signal.SIGALRM - 1))
+
+
+@pytest.mark.needs("root", "mountns")
+@pytest.mark.parametrize("name", BINARIES + [I386])
+def test_the_backstop_reaches_syslog_through_its_connected_socket(name, tmp_path):
+    # A syslog daemon that stopped reading: /dev/log's queue is full, so
+    # the session's own line blocks past its deadline.  The alarm's handler
+    # then sends the prepared end=alarm line on the backstop's socket,
+    # connected to /dev/log before the filter (which refuses a send to an
+    # address): once the queue drains, that line arrives.
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    sock_path = str(tmp_path / "log.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    # One sender's own buffer runs out first: senders until the listener's
+    # queue is full (net.unix.max_dgram_qlen), which blocks every sender.
+    fillers, queued = [], 0
+    while not fillers or fillers[-1][1]:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        filler.connect(sock_path)
+        filler.setblocking(False)
+        sent = 0
+        try:
+            while True:
+                filler.send(b"filler")
+                sent += 1
+        except BlockingIOError:
+            pass
+        fillers.append((filler, sent))
+        queued += sent
+    argv = [os.path.join(ROOT, "test", "with-devlog"), str(dev), sock_path, binary_path(name), "-H", "mx.test",
+            "-t", "1"]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=TRACED_ENV)
+    try:
+        assert p.stdout.readline() == GREET
+        session = wait_for(lambda: [c for c in [p.pid] + children_of(p.pid) if comm(c).startswith("smtp521")],
+                           timeout=20)
+        assert session, "no smtp521 process"
+        assert wait_for(lambda: alarm_handler_running(session[0]), timeout=20), "the alarm did not ring"
+        listener.settimeout(10)
+        lines = []
+        while not lines or b"filler" in lines[-1]:
+            lines.append(listener.recv(8192))
+        assert len(lines) == queued + 1, (queued, lines[-3:])
+        message = lines[-1].decode()
+        assert re.match(r"<22>smtp521\[\d+\]: peer=local end=alarm ", message), message
+        assert fields(message)["sandbox"] == "on", message
+        assert p.wait(timeout=20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        listener.close()
+        for filler, _ in fillers:
+            filler.close()
+
+
+def children_of(pid):
+    """Every descendant of pid."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                with open(task) as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
