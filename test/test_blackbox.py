@@ -286,6 +286,22 @@ def test_bad_option_exits_64_with_one_line(binary, args):
     assert err.startswith("smtp521: ") and err.count("\n") == 1, (args, err)
 
 
+# What the error names: what was typed, the long form included.
+NAMED = [(["--close=yes"], "option '--close=yes' takes no value"),
+         (["--version=2"], "option '--version=2' takes no value"),
+         (["--bogus"], "unknown or ambiguous option '--bogus'"),
+         (["--stress"], "unknown or ambiguous option '--stress'"),  # --stress-at or --stress-timeout
+         (["-cx"], "unknown option '-x'"), (["--timeout"], "option '--timeout' needs a value"),
+         (["-t"], "option '-t' needs a value")]
+
+
+@pytest.mark.parametrize("args,message", NAMED, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_bad_option_error_names_what_was_typed(binary, args, message):
+    p = run_pipe(binary, args, crlf("QUIT"))
+    assert p.returncode == 64, (args, p.returncode, p.stderr)
+    assert p.stderr.decode() == f"smtp521: {message} (see smtp521 --help)\n", p.stderr
+
+
 @pytest.mark.parametrize("args", [["-t", "abc"], ["--bogus"], ["-H", "two words"]], ids=" ".join)
 def test_bad_option_never_reaches_the_connection(binary, args):
     # Under inetd fd 2 is the connection too: the error must not go there.
