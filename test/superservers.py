@@ -36,7 +36,10 @@ POLICY_RC = "#!/bin/sh\nexit 101\n"
 
 
 def release():
-    """The codename of the Debian release the tests run on."""
+    """The codename of the Debian release the tests run on, or of
+    SMTP521_SUPERSERVERS_RELEASE (to try another release's servers)."""
+    if os.environ.get("SMTP521_SUPERSERVERS_RELEASE"):
+        return os.environ["SMTP521_SUPERSERVERS_RELEASE"]
     with open("/etc/os-release") as f:
         found = re.search(r"^VERSION_CODENAME=\"?(\w+)", f.read(), re.M)
     return found.group(1) if found else None
