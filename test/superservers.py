@@ -101,17 +101,21 @@ def root(packages):
         if not os.path.exists(os.path.join(layer, ".ready")):
             shutil.rmtree(layer, ignore_errors=True)
             os.makedirs(os.path.join(layer, "upper"))
-            os.makedirs(os.path.join(layer, "work"))
-            script = ('base=$1; shift; mkdir -p "$0/root"; '
-                      'mount -t overlay overlay -o "lowerdir=$base,upperdir=$0/upper,workdir=$0/work" "$0/root"; '
-                      'mount -t proc proc "$0/root/proc"; '
-                      'chroot "$0/root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive '
-                      'LANG=C.UTF-8 apt-get install -y -q --no-install-recommends "$@" && '
-                      'chroot "$0/root" apt-get clean && '
-                      'chroot "$0/root" dpkg-query -W -f "\\${Package} \\${Version}\\n" "$@" > "$0/versions"')
+            # The install's upper directory is on a tmpfs, copied to the
+            # cache after: overlayfs refuses an upper directory on
+            # overlayfs, where the cache may be (a container's root).
+            script = ('base=$1; shift; mkdir -p "$0/build"; mount -t tmpfs build "$0/build"; '
+                      'mkdir "$0/build/upper" "$0/build/work" "$0/build/root"; r=$0/build/root; '
+                      'mount -t overlay overlay -o "lowerdir=$base,upperdir=$0/build/upper,workdir=$0/build/work" "$r"; '
+                      'mount -t proc proc "$r/proc"; '
+                      'chroot "$r" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive '
+                      'LANG=C.UTF-8 apt-get install -y -q --no-install-recommends "$@"; '
+                      'chroot "$r" apt-get clean; '
+                      'chroot "$r" dpkg-query -W -f "\\${Package} \\${Version}\\n" "$@" > "$0/versions"; '
+                      'umount "$r/proc" "$r"; cp -a "$0/build/upper/." "$0/upper/"')
             _run(["unshare", "--mount", "--propagation", "unchanged", harness.PRIVATE,
                   "sh", "-ec", script, layer, base] + sorted(packages), log, timeout=1200)
-            shutil.rmtree(os.path.join(layer, "root"), ignore_errors=True)
+            os.rmdir(os.path.join(layer, "build"))
             open(os.path.join(layer, ".ready"), "w").close()
         return [os.path.join(layer, "upper"), base]
 
