@@ -21,7 +21,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 
 import harness
 
@@ -213,7 +212,6 @@ class Jail:
             try:
                 with open(f"/proc/{p}/status") as f:
                     status = f.read()
-                nspid = re.search(r"^NSpid:\t(.*)$", status, re.M).group(1).split()
                 uid = int(re.search(r"^Uid:\t(\d+)", status, re.M).group(1))
                 with open(f"/proc/{p}/cmdline", "rb") as f:
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()

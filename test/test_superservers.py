@@ -7,9 +7,15 @@ and ::1 to itself (test/superservers.py).  Per server: a byte-exact
 session over IPv4 and IPv6 (where it can listen there) with the log line
 naming the peer and no DNS query; 1100 sessions a family in a few seconds,
 the service still answering afterwards (inetutils-inetd: also the rate of
-sessions in turn, which smtp521(8) states); 40 silent clients all greeted
-at once, served by an unprivileged user and cut at -t; a bad option that
-never reaches the client.  Port 25 is privileged: openbsd-inetd's rate
+sessions in turn, which smtp521(8) states); 40 silent clients greeted at
+once (inetutils-inetd: late, as documented), served by an unprivileged
+user and cut at -t; a bad option that never reaches the client; xinetd's
+bind = as the example says.  Each configuration's failures before issue
+26 were seen here: rates (openbsd-inetd's plain nowait 255 of 1100,
+inetutils-inetd's 999, xinetd's default cps 50), IPv6 refused (both lines
+under inetutils-inetd and rlinetd), the wait for a slot (rlinetd's
+backlog, tcpsvd's -c 30), root (tcpsvd without -u), DNS stalls (tcpserver
+and tcpsvd without -l 0).  Port 25 is privileged: openbsd-inetd's rate
 limit spares IPv4 ports above 1023, so only there does it bite."""
 import os
 import re
