@@ -436,15 +436,20 @@ def inetd_conf(path, port, binary, extra_args, suffix=None):
         f.write("\n".join(lines) + "\n")
 
 
+def tcpserver_command():
+    """smtp521(8)'s tcpserver line, as the shell command a user types."""
+    with open(os.path.join(ROOT, "man", "smtp521.8")) as f:
+        man = f.read()
+    block = man.split("\n.Ss tcpserver\n", 1)[1].split(".Bd -literal -offset indent\n", 1)[1].split("\n.Ed\n")[0]
+    return " ".join(block.replace("\\e\n", " ").split())
+
+
 def tcpserver_line(port, binary, drop=()):
     """smtp521(8)'s tcpserver line, as argv: on 127.0.0.1:PORT, running
     BINARY, without its log redirection; without -u and -g when not root
     (only root can change user); without the smtp521 options in `drop`
     (each with its value)."""
-    with open(os.path.join(ROOT, "man", "smtp521.8")) as f:
-        man = f.read()
-    block = man.split("\n.Ss tcpserver\n", 1)[1].split(".Bd -literal -offset indent\n", 1)[1].split("\n.Ed\n")[0]
-    words = block.replace("\\e\n", " ").split()
+    words = tcpserver_command().split()
     at = words.index("/usr/local/sbin/smtp521")
     assert words[0] == "tcpserver" and words[at - 2:at] == ["0", "25"] and words[-1].startswith("2>>"), words
     server, program = words[:at - 2], words[at + 1:-1]

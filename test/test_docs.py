@@ -1,6 +1,6 @@
 """The documents against the program: the man page documents what the
 compiled binary prints and does (its --help, its exit statuses, its log
-line, its end reasons, its seccomp filter), quotes inetd.conf.example, and
+line, its end reasons, its seccomp filter), points to inetd.conf.example, and
 is the one home of the listen-address drop-in; the README stays a short
 pointer.  Facts are taken from the binary or from its compiled tables,
 never from the source text.  Run with
@@ -163,14 +163,25 @@ def example():
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def test_man_page_quotes_the_inetd_lines_of_the_example():
-    inetd = example()
-    assert len(inetd) == 2, inetd
-    assert inetd in literal_blocks(MAN), "the man page's inetd lines differ from inetd.conf.example"
+def test_man_page_points_to_the_example_for_each_server():
+    # The example is the one home of the inet family's lines, the xinetd
+    # stanza and the tcpsvd line (test_superservers runs them from there):
+    # the page names each server and quotes none of them.
+    text = " ".join(section(MAN, "inetd, xinetd, tcpsvd").split())
+    for server in ("openbsd-inetd", "inetutils-inetd", "rlinetd", "xinetd", "tcpsvd", "busybox"):
+        assert server in text, server
+    assert "inetd.conf.example" in text
+    for line in example():
+        assert line not in MAN, line
+    assert len(example()) == 2, example()
 
 
-def test_man_page_says_tcpserver_is_ipv4_only():
-    assert "IPv4-only" in section(MAN, "tcpserver")
+def test_man_page_says_which_tcpserver_listens_on_ipv6():
+    # Debian ships both: ucspi-tcp listens on IPv4 only, ucspi-tcp-ipv6 on
+    # both (test_superservers runs the line under each).
+    text = " ".join(section(MAN, "tcpserver").split())
+    assert "IPv4 only from ucspi-tcp, IPv4 and IPv6 from ucspi-tcp-ipv6" in text, text
+    assert "IPv4-only" not in MAN
 
 
 def test_the_listen_address_drop_in_has_one_home():
