@@ -14,9 +14,11 @@ SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 PYTHON   ?= /usr/bin/python3
 
 # The version's one home is the first line of debian/changelog,
-# "smtp521 (1.0.0) unstable; ...": sed, not dpkg-parsechangelog, so that a
-# bare g++ and make build it.
-VERSION  := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
+# "smtp521 (1.0.0-1) unstable; ...": the upstream version is its version
+# less the Debian revision (and any epoch).  sed, not dpkg-parsechangelog,
+# so that a bare g++ and make build it.
+DEBVERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
+VERSION  := $(shell echo '$(DEBVERSION)' | sed -e 's/^[0-9]*://' -e 's/-[^-]*$$//')
 VERSIONDEF = -DSMTP521_VERSION='"$(VERSION)"'
 
 # Always on, whatever CXXFLAGS says: the language level, warnings, and the
@@ -24,25 +26,39 @@ VERSIONDEF = -DSMTP521_VERSION='"$(VERSION)"'
 WARN     = -std=c++17 -Wall -Wextra -Wpedantic -Wshadow -Wconversion
 HARDEN   = -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fstack-clash-protection -fPIE
 LDHARDEN = -Wl,-z,relro -Wl,-z,now -Wl,-z,noexecstack
-# Static PIE by default: a process per connection spends most of its life
-# starting, and loading libstdc++ dynamically makes that longer (make bench;
-# the figures: test/bench/RESULTS.md).  PIE keeps the address randomized.  Static PIE needs glibc's
-# start file for it, rcrt1.o, which Debian's glibc ships only where it
-# supports static PIE (Debian 12: amd64, arm64, i386; not armel, armhf,
-# ppc64el, riscv64, s390x): where the compiler finds none, plain -static.
-# LINKMODE=-pie links dynamically.
-static_link = $(if $(filter /%,$(shell $(1) -print-file-name=rcrt1.o)),-static-pie,-static)
-LINKMODE ?= $(call static_link,$(CXX))
+# libgcc's helpers linked in, not libgcc_s.so.1 loaded: g++ asks for the
+# shared one, and 32-bit ARM (unwind personality routines, 64-bit division)
+# and i386 (64-bit division) would then load it for a few small routines.
+LDLIBGCC = -static-libgcc
+# Every build is position independent (-fPIE above, a PIE link below): the
+# kernel places each connection's process at an address of its own.  By
+# default linked dynamically against glibc, which is all it needs: the
+# program throws nothing and allocates nothing, so the linker drops
+# libstdc++ (readelf -d: NEEDED libc.so.6 alone, and, on arm64, armel,
+# armhf and riscv64, the loader, which holds the stack protector's guard
+# there), and a glibc security update reaches it without a rebuild (Debian
+# Policy 10.1: no static glibc).  A static PIE starts about 0.1 ms sooner
+# (make bench, test/bench/RESULTS.md, "The link"), under 2% of what a
+# session costs under the shipped unit: not worth a binary that keeps a
+# glibc bug until it is rebuilt.  LINKMODE=-static-pie links one all the same
+# where glibc has its start file, rcrt1.o (Debian 12: amd64, arm64, i386).
+# Never plain -static: that is not PIE.
+LINKMODE ?= -pie
+static_pie = $(if $(filter /%,$(shell $(1) -print-file-name=rcrt1.o)),-static-pie,-pie)
 SANITIZE = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
 all: smtp521
 
 smtp521: smtp521.cpp debian/changelog
-	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(LINKMODE) $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(LINKMODE) $(LDHARDEN) $(LDLIBGCC) $(LDFLAGS) -o $@ smtp521.cpp
 
-# The same, linked dynamically: the benchmark's comparison.
+# The same, each way it can be linked: the benchmark's comparison
+# (a static PIE where rcrt1.o is, else dynamic).
 smtp521-dynamic: smtp521.cpp debian/changelog
-	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) -pie $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) -pie $(LDHARDEN) $(LDLIBGCC) $(LDFLAGS) -o $@ smtp521.cpp
+
+smtp521-static-pie: smtp521.cpp debian/changelog
+	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(call static_pie,$(CXX)) $(LDHARDEN) $(LDLIBGCC) $(LDFLAGS) -o $@ smtp521.cpp
 
 # Every Debian release architecture, and Debian's cross compiler for it
 # (test/packages).  `make cross` builds smtp521-ARCH for all of them;
@@ -60,10 +76,15 @@ TRIPLET_riscv64 = riscv64-linux-gnu
 TRIPLET_s390x   = s390x-linux-gnu
 cross_cxx = $(TRIPLET_$(1))-g++
 
+# A cross build runs where ARCH's libc may be missing (the host's i386
+# tests, the qemu guests): static PIE where the cross toolchain has rcrt1.o
+# (amd64, arm64, i386), else a dynamic PIE, whose loader and libc
+# test/qemu/run puts into the guest.  The Debian package is dynamic on
+# every architecture (make deb-cross).
 cross: $(ARCHS:%=smtp521-%)
 
 $(ARCHS:%=smtp521-%): smtp521-%: smtp521.cpp debian/changelog
-	$(call cross_cxx,$*) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(call static_link,$(call cross_cxx,$*)) $(LDHARDEN) $(LDFLAGS) -o $@ smtp521.cpp
+	$(call cross_cxx,$*) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(call static_pie,$(call cross_cxx,$*)) $(LDHARDEN) $(LDLIBGCC) $(LDFLAGS) -o $@ smtp521.cpp
 
 # What the guest runs besides smtp521-ARCH: the confinement's own tests
 # and the init that drives the sessions (static, as the guest has no libc).
@@ -157,7 +178,9 @@ interop: smtp521
 	cd test && $(PYTHON) interop.py
 
 # Per-session time and memory as ratios to a static C floor measured in
-# the same run, and to rblsmtpd (BENCH=programs); CPU per connection of
+# the same run, and to rblsmtpd, and what the link costs: each smtp521
+# build against a dynamic C floor under the same filter (BENCH=programs,
+# about 45 s); CPU per connection of
 # each sandbox option of smtp521@.service under a private systemd, as
 # ratios to the unit without a sandbox (BENCH=units, root); slot
 # exhaustion of the shipped units and the stress mode, with one held
@@ -212,27 +235,49 @@ uninstall:
 		$(DESTDIR)$(SYSUSERSDIR)/smtp521.conf
 	-rmdir $(DESTDIR)$(DOCDIR)
 
-# The Debian package (debian/), built from a copy, in a temporary
-# directory, of the files git tracks or would track (not the ignored build
-# products), since dpkg-buildpackage writes into the parent directory.
-# The .deb, .changes, .dsc ... land in DEBOUT.  The build's own make
-# runs without this one's flags (-s would hide the compile line from blhc).  Needs debhelper, dpkg-dev
-# and fakeroot (test/packages).
-DEBOUT ?= .
-deb:
-	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
-	src="$$work/smtp521-$(VERSION)"; mkdir "$$src"; \
-	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
-		git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$$src"; \
-	else \
-		tar --exclude-vcs --exclude='./smtp521_*' -cf - . | tar -xf - -C "$$src"; \
-	fi; \
-	(cd "$$src" && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc $(DEBBUILDFLAGS)); \
-	cp "$$work"/smtp521_$(VERSION)* "$$work"/smtp521-dbgsym_$(VERSION)_* $(DEBOUT)/
+# The release tarball, smtp521-VERSION.tar.gz: the files git tracks (in an
+# unpacked tarball, which has no git: the files its MANIFEST names, written
+# here), under smtp521-VERSION/, with owners, modes, order and times that do
+# not depend on the checkout (the times: the changelog's date), so that
+# the same tree gives the same bytes.
+SOURCE_DATE_EPOCH ?= $(shell date -d "$$(sed -n 's/^ -- .*>  //p' debian/changelog | head -1)" +%s)
+DIST = smtp521-$(VERSION).tar.gz
+dist:
+	set -e; if [ -e .git ]; then git ls-files | grep -vx MANIFEST > MANIFEST; echo MANIFEST >> MANIFEST; fi; \
+	LC_ALL=C sort -o MANIFEST MANIFEST; \
+	tar --sort=name --format=gnu --mtime=@$(SOURCE_DATE_EPOCH) --owner=0 --group=0 --numeric-owner \
+		--mode=u+rw,go=rX --transform='s,^,smtp521-$(VERSION)/,' -T MANIFEST -cf - | gzip -n9 > $(DIST).tmp; \
+	mv $(DIST).tmp $(DIST)
 
-# lintian on the package, then piuparts in a chroot of the release this
-# machine runs: install,
-# upgrade from the previous build, remove, purge (test/deb-check).
+# The Debian package (debian/, source format 3.0 (quilt)), built in a
+# temporary directory from the release tarball as its .orig.tar.gz, since
+# dpkg-buildpackage writes into the parent directory.  The .deb, .changes,
+# .dsc, .orig.tar.gz ... land in DEBOUT.  The build's own make runs without
+# this one's flags (-s would hide the compile line from blhc).  Needs
+# debhelper, dpkg-dev and fakeroot (test/packages).  The tree is unpacked
+# under umask 022: the tarball has no directories of its own, and
+# dpkg-source records theirs.  DEBBUILDFLAGS:
+# dpkg-buildpackage's options (deb-cross: -a ARCH -Pcross,nocheck -B).
+DEBOUT ?= .
+deb: dist
+	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	cp $(DIST) "$$work/smtp521_$(VERSION).orig.tar.gz"; \
+	(umask 022 && tar -xzf $(DIST) -C "$$work"); \
+	(cd "$$work/smtp521-$(VERSION)" && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc $(DEBBUILDFLAGS)); \
+	cp "$$work"/smtp521_$(VERSION)* "$$work"/smtp521-dbgsym_$(DEBVERSION)_* $(DEBOUT)/
+
+# The package cross-built for ARCH (a dpkg architecture), as Debian's
+# cross-build QA does it, and its binary checked: ARCH's machine, PIE,
+# NEEDED libc.so.6 alone (test/deb-cross).  Its Build-Depends for ARCH
+# must be installed: `dpkg --add-architecture ARCH`, `apt-get update`,
+# `apt-get build-dep -a ARCH ./`.
+deb-cross:
+	test/deb-cross $(ARCH)
+
+# Two builds of the package compared (build path, TZ, umask, locale
+# varied), arm64 and armhf cross-built, lintian on the package, then
+# piuparts in a chroot of the release this machine runs: install, upgrade
+# from the previous build, remove, purge (test/deb-check).
 deb-check:
 	test/deb-check
 
@@ -244,7 +289,8 @@ check-in:
 	test/check-in $(SUITE)
 
 clean:
-	rm -f smtp521 smtp521-asan smtp521-dynamic $(ARCHS:%=smtp521-%) test/unit test/unit-asan test/sandbox test/sandbox-asan $(ARCHS:%=test/sandbox-%) $(ARCHS:%=test/qemu/init-%) test/fuzz test/*.o
+	rm -f smtp521 smtp521-asan smtp521-dynamic smtp521-static-pie $(ARCHS:%=smtp521-%) test/unit test/unit-asan test/sandbox test/sandbox-asan $(ARCHS:%=test/sandbox-%) $(ARCHS:%=test/qemu/init-%) test/fuzz test/*.o
 	rm -rf test/bench/out
+	rm -f smtp521-*.tar.gz smtp521-*.tar.gz.tmp
 
-.PHONY: all check check-in test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop readme bench fuzz deb deb-check
+.PHONY: all check check-in test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop readme bench fuzz dist deb deb-check deb-cross

@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tarfile
 import tempfile
 import time
 
@@ -29,6 +30,13 @@ def changelog_version():
     with open(os.path.join(ROOT, "debian", "changelog")) as f:
         m = re.match(r"smtp521 \(([^)]+)\) ", f.readline())
     assert m, "debian/changelog: first line is not `smtp521 (VERSION) ...`"
+    return m.group(1)
+
+
+def upstream_version(version):
+    """The upstream part of a Debian version: no epoch, no revision."""
+    m = re.fullmatch(r"(?:\d+:)?(.+)-[^-]+", version)
+    assert m, f"{version}: a non-native version (UPSTREAM-REVISION) for source format 3.0 (quilt)"
     return m.group(1)
 
 
@@ -50,7 +58,7 @@ FILES = {
     "usr/sbin/smtp521": 0o755,
     "usr/share/doc/smtp521/README.Debian": 0o644,
     "usr/share/doc/smtp521/README.md.gz": 0o644,
-    "usr/share/doc/smtp521/changelog.gz": 0o644,
+    "usr/share/doc/smtp521/changelog.Debian.gz": 0o644,
     "usr/share/doc/smtp521/copyright": 0o644,
     "usr/share/doc/smtp521/inetd.conf.example": 0o644,
     "usr/share/lintian/overrides/smtp521": 0o644,
@@ -59,8 +67,8 @@ FILES = {
 }
 
 # What dpkg-buildpackage leaves behind when run in the tree itself.
-LITTER = re.compile(r"smtp521[-_].*\.(deb|changes|buildinfo|dsc|tar\.xz)$|^debian/(smtp521|\.debhelper|files"
-                    r"|debhelper-build-stamp|.*\.substvars|.*\.debhelper\.log)$")
+LITTER = re.compile(r"smtp521[-_].*\.(deb|changes|buildinfo|dsc|tar\.xz)$|^smtp521_.*\.orig\.tar\.gz$"
+                    r"|^debian/(smtp521|\.debhelper|files|debhelper-build-stamp|.*\.substvars|.*\.debhelper\.log)$")
 
 
 def litter():
@@ -76,9 +84,9 @@ def litter():
 def test_git_tracks_no_built_binary():
     # `make deb` ships every tracked file in the source package, and a
     # clone carries them all: nothing built (ELF) may be tracked.
-    p = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
-    if not p.stdout:
-        pytest.skip("not a git work tree (an unpacked source package): nothing is tracked")
+    p = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if p.returncode or not p.stdout:
+        pytest.skip("not a git work tree (an unpacked release tarball or source package): nothing is tracked")
     elf = []
     for name in p.stdout.decode().split("\0"):
         path = os.path.join(ROOT, name)
@@ -154,10 +162,13 @@ def test_units_and_examples_name_usr_sbin(package):
 
 
 def test_version_agrees_everywhere(package):
-    v = package.version
+    # The package's version is debian/changelog's; the program, its man
+    # page and the release tarball carry its upstream part.
     field = subprocess.run(["dpkg-deb", "-f", package.deb, "Version"], capture_output=True, text=True,
                            check=True).stdout.strip()
-    assert field == v
+    assert field == package.version
+    v = upstream_version(package.version)
+    assert os.path.exists(os.path.join(package.out, f"smtp521_{v}.orig.tar.gz")), os.listdir(package.out)
     out = subprocess.run([package.path("usr/sbin/smtp521"), "--version"], capture_output=True, text=True,
                          check=True).stdout
     assert out == f"smtp521 {v}\n", out
@@ -172,8 +183,28 @@ def test_version_agrees_everywhere(package):
     # Its paths are the package's: a drop-in copied from it runs /usr/sbin/smtp521.
     assert "/usr/local/sbin" not in man and "ExecStart=/usr/sbin/smtp521 --log stderr" in man
     assert f".It Pa /{UNITDIR}/\n" in man
-    with gzip.open(package.path("usr/share/doc/smtp521/changelog.gz"), "rt") as f:
-        assert f.readline().startswith(f"smtp521 ({v}) ")
+    with gzip.open(package.path("usr/share/doc/smtp521/changelog.Debian.gz"), "rt") as f:
+        assert f.readline().startswith(f"smtp521 ({package.version}) ")
+
+
+def test_release_tarball_is_the_tracked_files(package):
+    # The .orig.tar.gz is `make dist`'s tarball: every file git tracks and
+    # its MANIFEST (which lets `make dist` work where git is not), under
+    # smtp521-VERSION/, owned by root, dated as the changelog entry.
+    v = upstream_version(package.version)
+    with tarfile.open(os.path.join(package.out, f"smtp521_{v}.orig.tar.gz")) as tar:
+        members = tar.getmembers()
+        manifest = tar.extractfile(f"smtp521-{v}/MANIFEST").read().decode().split()
+    names = [m.name for m in members]
+    assert names == sorted(names) and all(n.startswith(f"smtp521-{v}/") for n in names), names
+    assert [n[len(f"smtp521-{v}/"):] for n in names] == manifest
+    p = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode == 0 and p.stdout:
+        assert manifest == sorted(p.stdout.split() + ["MANIFEST"])
+    assert {(m.uid, m.gid) for m in members} == {(0, 0)}
+    date = subprocess.run(["dpkg-parsechangelog", "-l", os.path.join(ROOT, "debian", "changelog"), "-S",
+                           "Timestamp"], capture_output=True, text=True, check=True).stdout.strip()
+    assert {m.mtime for m in members} == {int(date)}
 
 
 def long_options():
@@ -204,34 +235,42 @@ def test_default_file_lists_every_option_with_its_default(package):
 
 
 @pytest.mark.needs("tool:blhc", "tool:readelf", "tool:file")
-def test_build_flags_and_static_pie(package):
+def test_build_flags_and_dynamic_pie(package):
     # The compile line has the Makefile's flags and dpkg-buildflags'.
     line = next(ln for ln in package.log.splitlines() if re.match(r"\S*g\+\+ .* -o smtp521 smtp521\.cpp$", ln))
-    for flag in ("-static-pie", "-fPIE", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong",
+    for flag in ("-pie", "-fPIE", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong",
                  "-fstack-clash-protection", "-Wl,-z,relro", "-Wl,-z,now", "-Wl,-z,noexecstack",
                  "-Werror=format-security", "-Wdate-time", "-O2"):
         assert flag in line.split(), (flag, line)
+    assert "-static" not in line.split() and "-static-pie" not in line.split(), line
     with tempfile.NamedTemporaryFile("w", suffix=".log") as log:
         log.write(package.log)
         log.flush()
-        # blhc takes -static-pie for a missing -pie.
-        p = subprocess.run(["blhc", "--all", "--ignore-flag", "-pie", log.name], capture_output=True, text=True)
+        p = subprocess.run(["blhc", "--all", "--debian", log.name], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+    # glibc linked dynamically (Debian Policy 10.1), and nothing else:
+    # the program needs no libstdc++.
     exe = package.path("usr/sbin/smtp521")
     p = subprocess.run(["file", "-b", exe], capture_output=True, text=True)
-    assert "static-pie linked" in p.stdout, p.stdout
+    assert "dynamically linked" in p.stdout and "pie executable" in p.stdout, p.stdout
     head = subprocess.run(["readelf", "-hdlW", exe], capture_output=True, text=True, check=True).stdout
     assert re.search(r"Type:\s+DYN", head), "not position independent"
-    assert "(NEEDED)" not in head, "not static"
+    assert re.findall(r"\(NEEDED\)\s+Shared library: \[(.*)\]", head) == ["libc.so.6"], head
     assert re.search(r"\(FLAGS\)\s+BIND_NOW", head) and "GNU_RELRO" in head
     stack = re.search(r"GNU_STACK.*", head).group(0)
     assert stack.split()[-2] == "RW", stack
+    # ... and the package depends on the libc it was linked with.
+    depends = subprocess.run(["dpkg-deb", "-f", package.deb, "Depends"], capture_output=True, text=True,
+                             check=True).stdout
+    assert re.match(r"libc6 \(>= [\d.]+\)", depends), depends
+    assert "Built-Using" not in subprocess.run(["dpkg-deb", "-f", package.deb], capture_output=True,
+                                               text=True, check=True).stdout
 
 
 @pytest.mark.needs("tool:lintian")
 def test_lintian_clean(package):
-    p = subprocess.run(["lintian", "--fail-on", "error,warning", package.changes], capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(["lintian", "--pedantic", "--fail-on", "error,warning", package.changes],
+                       capture_output=True, text=True, timeout=600)
     tags = [ln for ln in p.stdout.splitlines() if re.match(r"[EW]: ", ln)]
     assert p.returncode == 0 and tags == [], p.stdout + p.stderr
 
@@ -393,8 +432,9 @@ def wait_state(ns, want, timeout=30):
 def test_install_upgrade_remove_purge_under_systemd(package):
     # What dpkg runs, in order, against a real systemd: install enables
     # and starts the socket; an upgrade restarts it while a session is held
-    # open, and the session goes on to its end; remove stops and disables it;
-    # purge leaves no symlink behind.
+    # open, and the session goes on to its end; remove stops it and keeps
+    # its enable symlink (a reinstall keeps it enabled or disabled); purge
+    # leaves no symlink behind.
     port = free_port()
     ns = Namespace(package, str(port))
     v = package.version
@@ -427,16 +467,42 @@ def test_install_upgrade_remove_purge_under_systemd(package):
         out, _ = talk(port, SESSION_IN, timeout=30)
         assert out == expected(name), out
 
-        ns.script("prerm", "remove")
-        ns.delete()
-        ns.script("postrm", "remove")
-        active, enabled = ns.state()
-        assert active == "inactive" and enabled != "enabled", (active, enabled)
+        # What README.Debian says of removal and purge, each sentence beside
+        # the check of what the maintainer scripts do.
+        readme = " ".join(package.read("usr/share/doc/smtp521/README.Debian").split())
+        link = "/etc/systemd/system/sockets.target.wants/smtp521.socket"
+
+        def links():
+            return ns.sh("find /etc/systemd/system /var/lib/systemd -name '*smtp521*'").stdout.split()
+
+        def remove():
+            ns.script("prerm", "remove")
+            ns.delete()
+            ns.script("postrm", "remove")
+
+        assert "Removing the package stops the socket but leaves it enabled:" in readme, readme
+        assert f"its symlink in {os.path.dirname(link)} stays," in readme, readme
+        remove()
+        assert ns.state()[0] == "inactive", ns.state()
         with pytest.raises(OSError):
             talk(port, SESSION_IN, timeout=5)
+        assert link in links(), links()
+        assert "so that installing the package again keeps the socket enabled or disabled as it was." \
+            in readme, readme
+        ns.unpack()
+        ns.script("postinst", "configure")
+        assert wait_state(ns, ("active", "enabled")) == ("active", "enabled")
+        ns.sd.ctl("disable", "--now", "smtp521.socket")
+        remove()
+        ns.unpack()
+        ns.script("postinst", "configure")
+        assert ns.state() == ("inactive", "disabled"), ns.state()
+        ns.sd.ctl("enable", "smtp521.socket")
+        remove()
+        assert link in links(), links()
+        assert "Purging removes that symlink and /etc/default/smtp521." in readme, readme
         ns.script("postrm", "purge")
-        left = ns.sh("find /etc/systemd/system /var/lib/systemd -name '*smtp521*'").stdout.split()
-        assert left == [], left
+        assert links() == [], links()
         # Debian keeps a system user at purge: a uid given to another user
         # later would own what the old one left.
         assert ns.user() == user, ns.user()

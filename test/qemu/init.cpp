@@ -6,8 +6,9 @@
 // logs to syslog, then test/sandbox.cpp, and reports on the console, one line each, starting
 // "@@ "; test/qemu/run compares.  Then it powers the machine off.
 //
-// Built static for the architecture under test, like smtp521: the guest has
-// no libc, no shell and no busybox.
+// Built static for the architecture under test: the guest has no shell, no
+// busybox, and no libc but the loader and libc.so.6 that test/qemu/run puts
+// there for a dynamically linked smtp521.
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <fcntl.h>
