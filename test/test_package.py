@@ -6,6 +6,7 @@ Run: /usr/bin/python3 -m pytest -q test/test_package.py (root for the
 systemd tests; debhelper, dpkg-dev, fakeroot, lintian, blhc, file from
 test/packages).  piuparts is not run here but by `make deb-check`.
 """
+import glob
 import gzip
 import os
 import re
@@ -170,6 +171,17 @@ def test_version_agrees_everywhere(package):
     assert f".It Pa /{UNITDIR}/\n" in man
     with gzip.open(package.path("usr/share/doc/smtp521/changelog.gz"), "rt") as f:
         assert f.readline().startswith(f"smtp521 ({v}) ")
+
+
+def test_source_declares_its_dep8_tests(package):
+    # dpkg-source adds `Testsuite: autopkgtest` to the .dsc when the source
+    # has debian/tests/control: what tells Debian's CI to run the DEP-8
+    # tests (make autopkgtest runs them here).
+    dsc = glob.glob(os.path.join(package.out, "*.dsc"))
+    assert len(dsc) == 1, os.listdir(package.out)
+    with open(dsc[0]) as f:
+        fields = dict(line.split(": ", 1) for line in f.read().splitlines() if re.match(r"^[\w-]+: ", line))
+    assert fields.get("Testsuite") == "autopkgtest", fields
 
 
 def long_options():
