@@ -288,9 +288,17 @@ SUITE ?= trixie
 check-in:
 	test/check-in $(SUITE)
 
+# The package's DEP-8 tests (debian/tests/) under autopkgtest, in a podman
+# container of a Debian release with systemd as PID 1: this machine's
+# release, or SUITE's if given (make autopkgtest SUITE=trixie).  Prints
+# autopkgtest's summary; fails unless every test passed
+# (test/autopkgtest).  Needs root.
+autopkgtest:
+	test/autopkgtest $(if $(filter file,$(origin SUITE)),,$(SUITE))
+
 clean:
 	rm -f smtp521 smtp521-asan smtp521-dynamic smtp521-static-pie $(ARCHS:%=smtp521-%) test/unit test/unit-asan test/sandbox test/sandbox-asan $(ARCHS:%=test/sandbox-%) $(ARCHS:%=test/qemu/init-%) test/fuzz test/*.o
 	rm -rf test/bench/out
 	rm -f smtp521-*.tar.gz smtp521-*.tar.gz.tmp
 
-.PHONY: all check check-in test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop readme bench fuzz dist deb deb-check deb-cross
+.PHONY: all autopkgtest check check-in test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop readme bench fuzz dist deb deb-check deb-cross

@@ -2,6 +2,8 @@
 
 - `binary`: the build under test, each test run once per build (plain and
   ASan+UBSan; `--build plain` keeps one); `smtp521`: the plain build.
+  SMTP521_BINARY=/usr/sbin/smtp521 makes `binary` that program instead of
+  the builds (debian/tests/sessions: the installed package).
 - `syslog`, `server`, `systemd`, `world_copy`: the private /dev/log, the
   super-servers, a private systemd, and a copy of the binary every user can
   run; each is stopped and removed after the test, failed or not.
@@ -22,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 BUILDS = {"plain": "smtp521", "asan": "smtp521-asan"}
+# An installed smtp521 to test instead of the builds (an absolute path).
+INSTALLED = os.environ.get("SMTP521_BINARY")
 
 # Sanitizers fail loudly: any finding makes the process exit non-zero.
 os.environ.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=86")
@@ -36,6 +40,8 @@ def pytest_addoption(parser):
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs(*capabilities): skip unless available (harness.CAPABILITIES)")
+    if INSTALLED and not (os.path.isabs(INSTALLED) and os.access(INSTALLED, os.X_OK)):
+        raise pytest.UsageError(f"SMTP521_BINARY={INSTALLED}: not an absolute path to an executable")
     if config.option.basetemp is None:
         # pytest keeps its last three temporary trees in /tmp; ours go.
         config.option.basetemp = tempfile.mkdtemp(prefix="smtp521-pytest-")
@@ -60,6 +66,9 @@ def pytest_generate_tests(metafunc):
     # A module with a `binary` fixture of its own (a private systemd's
     # test runs the plain build only) keeps it.
     if "binary" in metafunc.fixturenames and not hasattr(metafunc.module, "binary"):
+        if INSTALLED:
+            metafunc.parametrize("binary", [INSTALLED], ids=["installed"])
+            return
         names = builds(metafunc.config)
         metafunc.parametrize("binary", [os.path.join(harness.ROOT, BUILDS[n]) for n in names], ids=names)
 

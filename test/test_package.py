@@ -6,6 +6,7 @@ Run: /usr/bin/python3 -m pytest -q test/test_package.py (root for the
 systemd tests; debhelper, dpkg-dev, fakeroot, lintian, blhc, file from
 test/packages).  piuparts is not run here but by `make deb-check`.
 """
+import glob
 import gzip
 import os
 import re
@@ -205,6 +206,17 @@ def test_release_tarball_is_the_tracked_files(package):
     date = subprocess.run(["dpkg-parsechangelog", "-l", os.path.join(ROOT, "debian", "changelog"), "-S",
                            "Timestamp"], capture_output=True, text=True, check=True).stdout.strip()
     assert {m.mtime for m in members} == {int(date)}
+
+
+def test_source_declares_its_dep8_tests(package):
+    # dpkg-source adds `Testsuite: autopkgtest` to the .dsc when the source
+    # has debian/tests/control: what tells Debian's CI to run the DEP-8
+    # tests (make autopkgtest runs them here).
+    dsc = glob.glob(os.path.join(package.out, "*.dsc"))
+    assert len(dsc) == 1, os.listdir(package.out)
+    with open(dsc[0]) as f:
+        fields = dict(line.split(": ", 1) for line in f.read().splitlines() if re.match(r"^[\w-]+: ", line))
+    assert fields.get("Testsuite") == "autopkgtest", fields
 
 
 def long_options():
