@@ -270,6 +270,10 @@ class Child:
     def __init__(self, binary, args, sock_kind="pair", stderr_is_socket=False, env=None):
         if sock_kind == "pair":
             self.client, server = socket.socketpair()
+        elif sock_kind == "seqpacket":
+            # Each write(2) is one record, and one recv() returns one
+            # record: what the client reads shows how the server wrote.
+            self.client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         else:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.bind(("127.0.0.1", 0))
