@@ -72,6 +72,25 @@ SESSION_IN = crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT T
 SESSION_OUT = GREET + EHLO + OK_MAIL + REFUSAL + BYE
 
 
+@functools.lru_cache(maxsize=None)
+def help_text():
+    """smtp521 --help, read from its one home, the string in smtp521.cpp
+    (so that collection, before any build, can use it)."""
+    with open(os.path.join(ROOT, "smtp521.cpp")) as f:
+        source = f.read()
+    start = source.index('"usage: smtp521')
+    end = source.index(";", source.index("the last of them wins", start))
+    return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', source[start:end])).replace("\\n", "\n").replace('\\"', '"')
+
+
+def option_range(long_name):
+    """(least, most, default) of a numeric option, as --help gives them:
+    option_range("timeout") == (1, 86400, 300)."""
+    m = re.search(rf"--{long_name} \S+\s.*?(\d+)-(\d+).*?\(default (\d+)\)", help_text(), re.S)
+    assert m, f"--{long_name}: no range and default in --help"
+    return tuple(int(g) for g in m.groups())
+
+
 # ------------------------------------------------------------ what a test needs
 
 def tool(name):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, Child, crlf,
-                     cut_by, default_name, fields)
+                     cut_by, default_name, fields, help_text, option_range)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -264,14 +264,23 @@ def test_log_line_is_one_printable_line(binary):
     assert list(f) == LOG_FIELDS, f
 
 
+def test_help_is_the_text_the_tests_read(binary):
+    # harness.help_text() reads it from the source, for collection.
+    p = run_pipe(binary, ["--help"], b"")
+    assert p.returncode == 0 and p.stdout.decode() == help_text(), p.stdout
+
+
 def test_log_none_writes_nothing(binary):
     p = run_pipe(binary, ["-H", "mx.test", "-l", "none"], crlf("QUIT"))
     assert p.returncode == 0 and p.stderr == b"" and p.stdout == GREET + BYE
 
 
+# One past each end of the ranges --help gives.
+TIMEOUT, COMMANDS = option_range("timeout"), option_range("max-commands")
 BAD_OPTIONS = [
-    ["-t", "abc"], ["-t", "0"], ["-t", "-5"], ["-t", "86401"], ["-t", "99999999999999999999"], ["-t", ""],
-    ["-n", "0"], ["-n", "x"], ["-n", "100001"], ["-H", "two words"], ["-H", "tab\there"], ["-H", ""],
+    ["-t", "abc"], ["-t", str(TIMEOUT[0] - 1)], ["-t", "-5"], ["-t", str(TIMEOUT[1] + 1)],
+    ["-t", "99999999999999999999"], ["-t", ""],
+    ["-n", str(COMMANDS[0] - 1)], ["-n", "x"], ["-n", str(COMMANDS[1] + 1)], ["-H", "two words"], ["-H", "tab\there"], ["-H", ""],
     ["-H", "a" * 256], ["-m", "line\r\nbreak"], ["-m", ""], ["-m", "bell\a"], ["-l", "file"], ["-r", "mail"],
     ["-x"], ["--bogus"], ["-t"], ["extra-argument"],
     ["-H", "n" * 255, "-m", "t" * 250],
