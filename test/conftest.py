@@ -21,7 +21,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-BUILDS = {"plain": "smtp521", "asan": "smtp521-asan"}
+# "coverage": make coverage's instrumented build (test/coverage).
+BUILDS = {"plain": "smtp521", "asan": "smtp521-asan", "coverage": "coverage/smtp521"}
 
 # Sanitizers fail loudly: any finding makes the process exit non-zero.
 os.environ.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=86")
@@ -52,7 +53,7 @@ def builds(config):
     names = [b.strip() for b in config.getoption("build").split(",") if b.strip()]
     unknown = set(names) - set(BUILDS)
     if unknown:
-        raise pytest.UsageError(f"--build: unknown {', '.join(sorted(unknown))} (plain, asan)")
+        raise pytest.UsageError(f"--build: unknown {', '.join(sorted(unknown))} ({', '.join(BUILDS)})")
     return names
 
 

@@ -112,3 +112,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         require(last_line.substr(0, 4) == "221 ", "QUIT is answered with 221, and nothing after");
     return 0;
 }
+
+#if defined(SMTP521_FUZZ_REPLAY)
+// Without libFuzzer (make coverage, with g++): each file named is one input.
+#include <fstream>
+#include <iterator>
+
+int main(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+        std::ifstream in(argv[i], std::ios::binary);
+        if (!in) {
+            std::fprintf(stderr, "%s: cannot read\n", argv[i]);
+            return 1;
+        }
+        std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+        LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
+    }
+    return 0;
+}
+#endif

@@ -86,9 +86,12 @@ def help_text():
 def option_range(long_name):
     """(least, most, default) of a numeric option, as --help gives them:
     option_range("timeout") == (1, 86400, 300)."""
-    m = re.search(rf"--{long_name} \S+\s.*?(\d+)-(\d+).*?\(default (\d+)\)", help_text(), re.S)
-    assert m, f"--{long_name}: no range and default in --help"
-    return tuple(int(g) for g in m.groups())
+    block = re.search(rf"--{long_name} .*?(?=\n  -|\n\S)", help_text(), re.S)
+    text = " ".join(block.group(0).split()) if block else ""
+    bounds = re.search(r"(\d+)-(\d+)|(\d+) never, at most (\d+)", text)
+    default = re.search(r"\(default (\d+)\)", text)
+    assert bounds and default, f"--{long_name}: no range and default in --help: {text!r}"
+    return tuple(int(g) for g in bounds.groups() if g is not None) + (int(default.group(1)),)
 
 
 # ------------------------------------------------------------ what a test needs
@@ -218,6 +221,17 @@ def _interop():
     return _tool_reason("apt-get", "apt")
 
 
+def _ipv6():
+    """An IPv6 loopback address to listen on (a kernel or container may
+    have none)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        return HOST_LIMIT + f"no IPv6 loopback: {e.strerror}"
+    return None
+
+
 CAPABILITIES = {
     "root": _root,
     "mountns": _mountns,
@@ -230,6 +244,7 @@ CAPABILITIES = {
     "needs openbsd-inetd (/usr/sbin/inetd)",
     "tcpserver": lambda: _tool_reason("tcpserver", "ucspi-tcp"),
     "i386": _i386,
+    "ipv6": _ipv6,
     "cpu-quota": lambda: _controller("cpu", "CPUQuota= cannot be enforced"),
     "pids": lambda: _controller("pids", "a slice counts no sessions, and smtp521 sees no stress"),
     "strace": lambda: _tool_reason("strace", "strace"),
@@ -294,10 +309,17 @@ class Child:
             # record: what the client reads shows how the server wrote.
             self.client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         else:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.bind(("127.0.0.1", 0))
+            # "tcp", "tcp6", or "tcp4-mapped": an IPv4 client of a dual-stack
+            # listener, which the server sees as ::ffff:127.0.0.1.
+            family, listen, connect = {"tcp": (socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+                                       "tcp6": (socket.AF_INET6, "::1", "::1"),
+                                       "tcp4-mapped": (socket.AF_INET6, "::", "127.0.0.1")}[sock_kind]
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind((listen, 0))
             listener.listen(1)
-            self.client = socket.create_connection(listener.getsockname())
+            self.client = socket.create_connection((connect, listener.getsockname()[1]))
             server, _ = listener.accept()
             listener.close()
         self.start = time.monotonic()

@@ -1,9 +1,10 @@
 """Containment of the systemd units under a private systemd
 (test/with-systemd): the shipped unit serves where user namespaces cannot
 be created, with and without journald; a failing instance is visible to
-the administrator; smtp521.slice keeps a flood of connections from
-starving a CPU-bound process outside it; /etc/default/smtp521 changes the
-options without editing ExecStart=; a socket drop-in binds one address."""
+the administrator; smtp521.slice holds a flood of connections to its
+CPUQuota=, which the same flood exceeds without it; /etc/default/smtp521
+changes the options without editing ExecStart=; a socket drop-in binds
+one address."""
 import asyncio
 import json
 import os
@@ -57,14 +58,14 @@ def read(name):
 # the slice gets a name of this process's own, or two runs would share one
 # cgroup and its limits.
 SLICE = f"smtp521t{os.getpid()}.slice"
-# The least share of its idle throughput that a CPU-bound process outside
-# the slice must keep while a flood runs through it.  Measured on 2 shared
-# CPUs in twelve runs: 42-62% with the slice, 35-50% without (the man
-# page, DEPLOYMENT).  What the slice itself grants is asserted exactly,
-# against CPUQuota=; the rest of the loss is outside any slice (PID 1, the
-# kernel, the flood's own client), so the margin here is for a busier or
-# smaller CI machine.
-KEPT = 0.30
+# What a CPU-bound process outside the slice keeps of its idle throughput
+# while a flood runs is printed, not asserted: measured on 2 shared CPUs in
+# three runs of this test, 45, 55 and 59% with the slice, 45, 45 and 57%
+# without it.  The flood here is bound by its own client and by PID 1,
+# which no slice holds, so the probe cannot tell the two apart.  What the
+# slice does is asserted, against the run without it: its sessions got at
+# most CPUQuota= (0.245 CPU-s a second in each run) where the same flood
+# without it took more (0.29-0.34).
 
 
 def units(port, variants=()):
@@ -318,7 +319,7 @@ def test_slice_keeps_host_cpu_under_flood(boot):
     limits = {k: sd.ctl("show", "-p", k, "--value", SLICE).stdout.strip()
               for k in ("CPUQuotaPerSecUSec", "MemoryMax", "TasksMax")}
     seconds, workers, holders = 8, 48, 32
-    idles, kept = [idle()], {}
+    idles, kept, rate_of = [idle()], {}, {}
     for name, p, unit in (("slice", port, SLICE), ("no slice", open_port, "system-smtp521\\x2dopen.slice")):
         loop = asyncio.new_event_loop()
         started, cpu_before = time.monotonic(), cpu(sd, unit)
@@ -335,6 +336,7 @@ def test_slice_keeps_host_cpu_under_flood(boot):
             loop.close()
         idles.append(idle())
         kept[name] = rate / max(idles[-2:])
+        rate_of[name] = used[0] / took  # CPU seconds a second, of the sessions
         print(f"\n{name}: probe {rate:.0f}/s, {100 * kept[name]:.0f}% of idle {max(idles[-2:]):.0f}/s;"
               f" connections {tally} in {took:.1f} s; {mem / holders / 1024:.0f} KiB a held session;"
               f" CPU a session: {1000 * used[0] / tally['whole']:.1f} ms in {unit},"
@@ -361,7 +363,12 @@ def test_slice_keeps_host_cpu_under_flood(boot):
             assert used[0] <= (quota + overrun) * took, (used, quota, overrun, took)
     print(f"slice {limits}; idle probe runs {[round(i) for i in idles]}")
     assert sd.failed() == [], sd.failed()
-    assert kept["slice"] >= KEPT, kept
+    # The slice is what held them: without it the same flood took more,
+    # more than the quota too (else this run could show nothing).
+    print(f"sessions' CPU seconds a second: {rate_of}")
+    quota = int(limits["CPUQuotaPerSecUSec"].removesuffix("ms")) / 1000
+    assert rate_of["no slice"] > quota, (rate_of, quota)
+    assert rate_of["slice"] < rate_of["no slice"], (rate_of, kept)
 
 
 # ------------------------------------------------------------ /etc/default/smtp521
