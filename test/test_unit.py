@@ -52,7 +52,9 @@ def pytest_generate_tests(metafunc):
 @functools.lru_cache(maxsize=None)
 def run(path):
     """Run the binary once: {test case name: failure text or None}, and its output."""
-    p = subprocess.run([path, "-r", "xml"], capture_output=True, text=True, timeout=600)
+    # unit.cpp replays the scripted sessions of test/sessions.
+    env = dict(os.environ, SMTP521_SESSIONS=os.path.join(ROOT, "test", "sessions"))
+    p = subprocess.run([path, "-r", "xml"], capture_output=True, text=True, timeout=600, env=env)
     results = {}
     try:
         root = ET.fromstring(p.stdout)
