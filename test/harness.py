@@ -4,6 +4,7 @@ loopback client, the super-servers, a private /dev/log, a private systemd,
 and the checks for what a test needs (root, namespaces, tools), each done
 once and each naming what is missing."""
 import errno
+import fcntl
 import functools
 import os
 import random
@@ -92,6 +93,33 @@ def option_range(long_name):
     default = re.search(r"\(default (\d+)\)", text)
     assert bounds and default, f"--{long_name}: no range and default in --help: {text!r}"
     return tuple(int(g) for g in bounds.groups() if g is not None) + (int(default.group(1)),)
+
+
+def fill(fd):
+    """Write to the pipe `fd` until its buffer is full; the octets written."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    n = 0
+    try:
+        while True:
+            n += os.write(fd, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return n
+
+
+def current_syscall(pid):
+    """The system call a process waits in, and its first argument, as
+    /proc/PID/syscall gives them ("1", "0x2": write to fd 2 on x86-64);
+    None once it is gone or running."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            nr, arg = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return nr, arg
 
 
 # ------------------------------------------------------------ what a test needs

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, Child, crlf,
-                     cut_by, default_name, fields, help_text, option_range)
+                     current_syscall, cut_by, default_name, fields, fill, help_text, option_range)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -392,23 +392,7 @@ def test_closed_stdin_ends_at_once(binary):
 def fill_pipe():
     """A pipe whose buffer is full: (read end, write end, octets in it)."""
     r, w = os.pipe()
-    fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
-    n = 0
-    try:
-        while True:
-            n += os.write(w, b"x" * 4096)
-    except BlockingIOError:
-        pass
-    fcntl.fcntl(w, fcntl.F_SETFL, 0)
-    return r, w, n
-
-
-def current_syscall(pid):
-    try:
-        with open(f"/proc/{pid}/syscall") as f:
-            return f.read().split()[0]
-    except (OSError, IndexError):
-        return None
+    return r, w, fill(w)
 
 
 def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary):
@@ -425,7 +409,7 @@ def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary):
     # make room: earlier, the blocked write would simply complete.
     seen = []
     while p.poll() is None and time.monotonic() - t0 < 20:
-        call = current_syscall(p.pid)
+        call = (current_syscall(p.pid) or [None])[0]
         if call and (not seen or seen[-1] != call):
             seen.append(call)
         if "1" in seen and call in ("7", "271"):

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from harness import BYE, GREET, SESSION_IN, SESSION_OUT, Child, Server, children, crlf, fields, free_port
+from harness import (BYE, GREET, SESSION_IN, SESSION_OUT, Child, Server, children, crlf, current_syscall, fields, fill,
+                     free_port)
 
 DEADLINE = 3  # smtp521 -t; the whole suite takes about two deadlines
 # How late after its deadline a session may end: a busy machine (500
@@ -142,14 +143,9 @@ def rss_anon(pid, binary=None):
 
 def blocked_in_log_write(pid):
     """True once the process waits in write(2) to fd 2 (x86-64 and most
-    others number write 1 or 64: read from /proc/PID/syscall's first two
-    fields)."""
-    try:
-        with open(f"/proc/{pid}/syscall") as f:
-            nr, fd = f.read().split()[:2]
-    except (OSError, ValueError):
-        return False
-    return nr in ("1", "64") and int(fd, 16) == 2
+    others number write 1 or 64)."""
+    call = current_syscall(pid)
+    return call is not None and call[0] in ("1", "64") and int(call[1], 16) == 2
 
 
 def baseline_anon(binary):
@@ -162,15 +158,11 @@ def baseline_anon(binary):
     c = Child(binary, OPTIONS)
     try:
         # Fill the stderr pipe through the process's own fd 2.
-        fill = os.open(f"/proc/{c.proc.pid}/fd/2", os.O_WRONLY | os.O_NONBLOCK)
-        filler = 0
+        stderr = os.open(f"/proc/{c.proc.pid}/fd/2", os.O_WRONLY)
         try:
-            while True:
-                filler += os.write(fill, b"-" * 4096)
-        except BlockingIOError:
-            pass
+            filler = fill(stderr)
         finally:
-            os.close(fill)
+            os.close(stderr)
         c.send(crlf("EHLO a", "MAIL FROM:<x@y>", "RCPT TO:<u@v>", "DATA"))
         c.client.setblocking(False)
         payload = b"NOOP\r\n" * 10000

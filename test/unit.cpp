@@ -31,6 +31,21 @@ Options make_options(Mode mode) {
     return o;
 }
 
+// A session of `options` that the test feeds itself, with its replies.
+struct Core {
+    Replies replies;
+    Session s;
+    Output out;
+    explicit Core(const Options& options) : replies(built(options)), s(replies, options.max_commands) {}
+    Core(const Core&) = delete;
+
+    static Replies built(const Options& options) {
+        Replies r;
+        REQUIRE(build_replies(options, r));
+        return r;
+    }
+};
+
 // Feed `input` in pieces of `chunk` bytes (0: all at once), then EOF.
 Result drive(const Options& options, const std::string& input, std::size_t chunk = 0) {
     static Replies replies;
@@ -321,10 +336,9 @@ TEST_CASE("replies never overflow the output buffer, whatever the input") {
     // 4000 one-byte commands: feed must stop for the caller to write.
     Options o = make_options(Mode::greeting);
     o.max_commands = 100000;
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     s.greet(out);
     std::string input(4000, '\n');
     std::string_view rest(input);
@@ -353,10 +367,9 @@ Peer make_peer(std::string_view text) {
 
 TEST_CASE("what the log records of the client") {
     Options o = make_options(Mode::rcpt);
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     std::string input = "EHLO client.example\r\nMAIL FROM:<a@b> SIZE=10\r\nRCPT TO:<r1@x>\r\nrcpt to: <r2@x>\r\n"
                         "RCPT TO:<r3@x>\r\nRCPT\tTO:\t<r4@x>\r\n";
     s.feed(input, out);
@@ -375,10 +388,9 @@ TEST_CASE("what the log records of the client") {
 
 TEST_CASE("client text in the log is escaped and bounded") {
     Options o = make_options(Mode::rcpt);
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     std::string input = std::string("HELO evil\rend=quit\x01\xff\\x\r\nMAIL FROM:<") + std::string(300, 'z') + ">\r\n";
     s.feed(input, out);
     LogLine log;
@@ -396,10 +408,9 @@ TEST_CASE("client text in the log is escaped and bounded") {
 TEST_CASE("the log line is bounded by construction: the worst case keeps every field") {
     Options o = make_options(Mode::rcpt);
     o.max_commands = max_commands_limit;
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     const std::string junk(505, '\x01');  // "HELO " + 505 = 510, the longest line
     std::string input = "HELO " + junk + "\r\nMAIL " + junk + "\r\n";
     for (int i = 0; i < 4; ++i) input += "RCPT " + junk + "\r\n";
@@ -455,10 +466,9 @@ TEST_CASE("a value is cut on an escape's boundary, and only when it must be") {
 
 TEST_CASE("the alarm's line is the session's, with end=alarm") {
     Options o = make_options(Mode::rcpt);
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     s.feed("HELO a\r\n", out);
     backstop.target = LogTarget::stderr_;
     prepare_backstop(s, 302000, make_peer("local"));
