@@ -55,7 +55,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (size < 2) return 0;
     Options options;
     options.mode = static_cast<Mode>(data[0] % 3);
-    options.max_commands = data[0] / 3 == 0 ? 100000 : data[0] / 3;
+    options.max_commands = data[0] / 3 == 0 ? max_commands_limit : data[0] / 3;
     options.hostname = "mx.test";
     std::uint32_t seed = data[1] * 2654435761u + 1;
     std::string_view input(reinterpret_cast<const char*>(data + 2), size - 2);
