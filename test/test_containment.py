@@ -76,7 +76,7 @@ def units(port, variants=()):
 
 
 class Booted(Systemd):
-    """deploy.Systemd, optionally under a wrapper (test/no-userns)."""
+    """harness.Systemd, optionally under a wrapper (test/no-userns)."""
 
     def __init__(self, unitdir, binary, wrapper=None):
         env = os.environ.get("WITH_SYSTEMD_WRAPPER")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import (BYE, GREET, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, free_port, inetd_conf, option_range, systemd_units, talk, tcpserver_line, wait_for,
+from harness import (BYE, GREET, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, accept_queue, free_port, inetd_conf, option_range, systemd_units, talk, tcpserver_line, wait_for,
                      wait_listening)
 
 
@@ -49,7 +49,7 @@ def make(*args):
     assert p.returncode == 0, f"make {' '.join(args)}: exit {p.returncode}\n{p.stdout}{p.stderr}"
 
 
-@pytest.mark.needs("make", "systemd-analyze")
+@pytest.mark.needs("tool:make", "systemd-analyze")
 def test_units_pass_systemd_analyze_verify(smtp521, tmp_path):
     make("install", f"PREFIX={tmp_path}")
     unitdir = os.path.join(tmp_path, "lib", "systemd", "system")
@@ -151,28 +151,27 @@ def test_man_page_and_help_list_the_same_options(smtp521):
         assert re.search(rf"^\.It {status}$", man, re.M), status
 
 
-@pytest.mark.needs("make")
+@pytest.mark.needs("tool:make")
 def test_install_and_uninstall_with_destdir(smtp521, tmp_path):
     dest = str(tmp_path)
-    if True:
-        make("install", f"DESTDIR={dest}", "PREFIX=/opt/s5")
-        want = {"opt/s5/sbin/smtp521": 0o755, "opt/s5/share/man/man8/smtp521.8": 0o644,
-                "opt/s5/lib/systemd/system/smtp521.socket": 0o644,
-                "opt/s5/lib/systemd/system/smtp521@.service": 0o644,
-                "opt/s5/lib/systemd/system/smtp521.slice": 0o644,
-                "opt/s5/share/doc/smtp521/inetd.conf.example": 0o644,
-                "opt/s5/share/doc/smtp521/README.md": 0o644}
-        found = {os.path.relpath(os.path.join(d, f), dest) for d, _, fs in os.walk(dest) for f in fs}
-        assert found == set(want), found
-        for path, mode in want.items():
-            assert os.stat(os.path.join(dest, path)).st_mode & 0o777 == mode, path
-        svc = unit_settings(os.path.join(dest, "opt/s5/lib/systemd/system/smtp521@.service"))
-        assert svc["ExecStart"][0].startswith("/opt/s5/sbin/smtp521 "), svc["ExecStart"]
-        with open(os.path.join(dest, "opt/s5/share/doc/smtp521/inetd.conf.example")) as f:
-            assert "/opt/s5/sbin/smtp521" in f.read()
-        make("uninstall", f"DESTDIR={dest}", "PREFIX=/opt/s5")
-        left = [os.path.join(d, f) for d, _, fs in os.walk(dest) for f in fs]
-        assert left == [], left
+    make("install", f"DESTDIR={dest}", "PREFIX=/opt/s5")
+    want = {"opt/s5/sbin/smtp521": 0o755, "opt/s5/share/man/man8/smtp521.8": 0o644,
+            "opt/s5/lib/systemd/system/smtp521.socket": 0o644,
+            "opt/s5/lib/systemd/system/smtp521@.service": 0o644,
+            "opt/s5/lib/systemd/system/smtp521.slice": 0o644,
+            "opt/s5/share/doc/smtp521/inetd.conf.example": 0o644,
+            "opt/s5/share/doc/smtp521/README.md": 0o644}
+    found = {os.path.relpath(os.path.join(d, f), dest) for d, _, fs in os.walk(dest) for f in fs}
+    assert found == set(want), found
+    for path, mode in want.items():
+        assert os.stat(os.path.join(dest, path)).st_mode & 0o777 == mode, path
+    svc = unit_settings(os.path.join(dest, "opt/s5/lib/systemd/system/smtp521@.service"))
+    assert svc["ExecStart"][0].startswith("/opt/s5/sbin/smtp521 "), svc["ExecStart"]
+    with open(os.path.join(dest, "opt/s5/share/doc/smtp521/inetd.conf.example")) as f:
+        assert "/opt/s5/sbin/smtp521" in f.read()
+    make("uninstall", f"DESTDIR={dest}", "PREFIX=/opt/s5")
+    left = [os.path.join(d, f) for d, _, fs in os.walk(dest) for f in fs]
+    assert left == [], left
 
 
 # ------------------------------------------------------------ super-servers
@@ -350,17 +349,6 @@ def burst_concurrent(port, count):
     time.sleep(1)
     for s in socks:
         s.close()
-
-
-def accept_queue(port):
-    """Connections waiting in the accept queue of the listening TCP socket
-    on `port` (its rx_queue in /proc/net/tcp; 0 when none listens)."""
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
-                return int(cols[4].split(":")[1], 16)
-    return 0
 
 
 def session_works(port, timeout=10):
