@@ -3,8 +3,9 @@
 - `binary`: the build under test, each test run once per build (plain and
   ASan+UBSan; `--build plain` keeps one); `smtp521`: the plain build.
 - `syslog`, `server`, `systemd`, `world_copy`: the private /dev/log, the
-  super-servers, a private systemd, and a copy of the binary every user can
-  run; each is stopped and removed after the test, failed or not.
+  super-servers, the private systemd (harness.Systemd; every suite boots
+  it here), and a copy of the binary every user can run; each is stopped
+  and removed after the test, failed or not.
 - `@pytest.mark.needs("root", "inetd", ...)`: skip with the reason unless
   available (see harness.CAPABILITIES); each is checked once.
 - Under CI=true a skip is a failure: CI must run everything, except where
@@ -144,21 +145,25 @@ def server():
 
 @pytest.fixture
 def systemd(smtp521):
-    """systemd(unitdir) -> a booted harness.Systemd running the plain build;
-    killed after the test, its console printed."""
+    """systemd(unitdir, binary=plain build, wrapper=None) -> a booted
+    harness.Systemd, the tests' one private systemd; killed after the
+    test, its console printed, and unitdir removed."""
     harness.need("systemd")
     booted = []
 
-    def boot(unitdir, binary=smtp521):
-        sd = harness.Systemd(unitdir, binary)
-        booted.append(sd)
+    def boot(unitdir, binary=smtp521, wrapper=None):
+        booted.append((None, unitdir))
+        sd = harness.Systemd(unitdir, binary, wrapper=wrapper)
+        booted[-1] = (sd, unitdir)
         return sd
 
     try:
         yield boot
     finally:
-        for sd in booted:
-            sd.stop()
+        for sd, unitdir in booted:
+            if sd:
+                sd.stop()
+            shutil.rmtree(unitdir, ignore_errors=True)
 
 
 @pytest.fixture

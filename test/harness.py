@@ -697,18 +697,23 @@ class Syslog:
 # ------------------------------------------------------------ a private systemd
 
 class Systemd:
-    """A private systemd (test/with-systemd) that knows only the units in
-    unitdir; its console is collected and printed on stop()."""
+    """The one private systemd of the tests and benchmarks (test/with-systemd;
+    tests get it from conftest's `systemd` fixture) that knows only the
+    units in unitdir; its console is collected and printed on stop().
+    `wrapper`: a command systemd runs under (it must exec its arguments,
+    as test/no-userns does); `prefix`: an argv that runs with-systemd
+    (and must exec it: bench/units.py joins a cgroup and binds an /etc)."""
 
-    def __init__(self, unitdir, binary, timeout=20):
+    def __init__(self, unitdir, binary, timeout=20, wrapper=None, prefix=()):
         # Its console is a pseudo-terminal (test/with-systemd puts it on
         # /dev/console, where PID 1 writes), read here.
         # It shares the host's cgroup hierarchies, and is killed rather
         # than shut down: stop() removes the cgroups it made.
         self.cgroups_before = cgroup_dirs()
         master, slave = os.openpty()
-        self.proc = subprocess.Popen([os.path.join(HERE, "with-systemd"), unitdir, binary],
-                                     stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        env = dict(os.environ, WITH_SYSTEMD_WRAPPER=wrapper) if wrapper else None
+        self.proc = subprocess.Popen(list(prefix) + [os.path.join(HERE, "with-systemd"), unitdir, binary],
+                                     stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
         os.close(slave)
         self.output = Output(os.fdopen(master, "rb"))
         self.pid = None
@@ -747,6 +752,22 @@ class Systemd:
 
     def console(self):
         return self.output.text()[-4000:]
+
+    def path(self, path):
+        """A path of the namespace, seen from the host."""
+        return f"/proc/{self.pid}/root{path}"
+
+    def write(self, path, text):
+        os.makedirs(os.path.dirname(self.path(path)), exist_ok=True)
+        with open(self.path(path), "w") as f:
+            f.write(text)
+
+    def state(self, unit):
+        return self.ctl("is-active", unit, check=False).stdout.strip()
+
+    def failed(self, pattern="smtp521*"):
+        out = self.ctl("list-units", "--all", "--state=failed", "--plain", "--no-legend", pattern).stdout
+        return [line.split()[0] for line in out.splitlines() if line.strip()]
 
     def ctl(self, *args, check=True, tool="systemctl"):
         # -r -w: the target's root and working directory, not the mount

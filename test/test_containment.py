@@ -10,7 +10,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BYE, BYE_521, GREET, GREET_521, Systemd, default_name, free_port, talk, unit_dir, wait_for, SESSION_IN, SESSION_OUT, TEXT  # noqa: E402
+from harness import BYE, BYE_521, GREET, GREET_521, default_name, free_port, talk, unit_dir, wait_for, SESSION_IN, SESSION_OUT, TEXT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = default_name()
@@ -75,52 +74,11 @@ def units(port, variants=()):
     return unit_dir(port, slice=SLICE, variants=[(suffix, p, None, edit) for suffix, p, edit in variants])
 
 
-class Booted(Systemd):
-    """harness.Systemd, optionally under a wrapper (test/no-userns)."""
-
-    def __init__(self, unitdir, binary, wrapper=None):
-        env = os.environ.get("WITH_SYSTEMD_WRAPPER")
-        if wrapper:
-            os.environ["WITH_SYSTEMD_WRAPPER"] = wrapper
-        try:
-            super().__init__(unitdir, binary)
-        finally:
-            if env is None:
-                os.environ.pop("WITH_SYSTEMD_WRAPPER", None)
-            else:
-                os.environ["WITH_SYSTEMD_WRAPPER"] = env
-
-    def path(self, path):
-        """A path of the namespace, seen from the host."""
-        return f"/proc/{self.pid}/root{path}"
-
-    def write(self, path, text):
-        os.makedirs(os.path.dirname(self.path(path)), exist_ok=True)
-        with open(self.path(path), "w") as f:
-            f.write(text)
-
-    def state(self, unit):
-        return self.ctl("is-active", unit, check=False).stdout.strip()
-
-    def failed(self, pattern="smtp521*"):
-        out = self.ctl("list-units", "--all", "--state=failed", "--plain", "--no-legend", pattern).stdout
-        return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
 @pytest.fixture
-def boot(binary):
-    """boot(unitdir, wrapper=None) -> a running Booted, stopped afterwards."""
-    booted = []
-
-    def start(unitdir, wrapper=None):
-        sd = Booted(unitdir, binary, wrapper)
-        booted.append((sd, unitdir))
-        return sd
-
-    yield start
-    for sd, unitdir in booted:
-        sd.stop()
-        shutil.rmtree(unitdir, ignore_errors=True)
+def boot(systemd, binary):
+    """boot(unitdir, wrapper=None): conftest's private systemd running this
+    module's binary."""
+    return lambda unitdir, wrapper=None: systemd(unitdir, binary, wrapper)
 
 
 def refused(port):

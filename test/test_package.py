@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import SESSION_IN, SESSION_OUT, TEXT, Systemd, default_name, free_port, option_range, talk
+from harness import SESSION_IN, SESSION_OUT, TEXT, default_name, free_port, option_range, talk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -273,7 +273,7 @@ def finish_session(c, got):
 
 
 @pytest.mark.needs("systemd")
-def test_units_from_the_package_serve_a_session(package):
+def test_units_from_the_package_serve_a_session(package, systemd):
     # The units as shipped, the port and the binary's path aside, under a
     # real systemd; the environment file is the package's conffile.
     port = free_port()
@@ -286,7 +286,7 @@ def test_units_from_the_package_serve_a_session(package):
     for name in UNITS:
         with open(os.path.join(units, name), "w") as f:
             f.write(unit_copy(package, name, f"127.0.0.1:{port}", envfile=env))
-    sd = Systemd(units, package.path("usr/sbin/smtp521"))
+    sd = systemd(units, package.path("usr/sbin/smtp521"))
     try:
         sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket")
         name = default_name()
@@ -314,7 +314,7 @@ class Namespace:
     dpkg runs them.  deb-systemd-helper's state and policy-rc.d (Docker's
     forbids starting services) are private to the namespace too."""
 
-    def __init__(self, package, port):
+    def __init__(self, package, port, systemd):
         self.package, self.port = package, port
         self.dir = tempfile.mkdtemp(prefix="smtp521-pkgns-")
         os.chmod(self.dir, 0o755)
@@ -329,7 +329,7 @@ class Namespace:
         for name in UNITS:
             with open(os.path.join(self.units, name), "w") as f:
                 f.write(unit_copy(package, name, port))
-        self.sd = Systemd(own, package.path("usr/sbin/smtp521"))
+        self.sd = systemd(own, package.path("usr/sbin/smtp521"))
         self.sh("mount -t tmpfs tmpfs /var/lib/systemd; "
                 "if [ -e /usr/sbin/policy-rc.d ]; then mount --bind /bin/true /usr/sbin/policy-rc.d; fi")
         self.sd.ctl("start", "systemd-journald.socket", "systemd-journald.service")
@@ -369,13 +369,13 @@ def wait_state(ns, want, timeout=30):
 
 
 @pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
-def test_install_upgrade_remove_purge_under_systemd(package):
+def test_install_upgrade_remove_purge_under_systemd(package, systemd):
     # What dpkg runs, in order, against a real systemd: install enables
     # and starts the socket; an upgrade restarts it while a session is held
     # open, and the session goes on to its end; remove stops and disables it;
     # purge leaves no symlink behind.
     port = free_port()
-    ns = Namespace(package, str(port))
+    ns = Namespace(package, str(port), systemd)
     v = package.version
     name = default_name()
     try:
@@ -413,7 +413,7 @@ def test_install_upgrade_remove_purge_under_systemd(package):
 
 
 @pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
-def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
+def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package, systemd):
     # Debian's exim4 holds 127.0.0.1:25; a socket on all addresses of the
     # port cannot start.  The installation succeeds, prints what to do, and
     # what it prints (the drop-in, with another address) works.
@@ -422,7 +422,7 @@ def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     holder.bind(("127.0.0.1", port))
     holder.listen()
-    ns = Namespace(package, str(port))
+    ns = Namespace(package, str(port), systemd)
     try:
         ns.unpack()
         p = ns.script("postinst", "configure")
