@@ -1106,6 +1106,9 @@ static_assert(filter.size == filter_length, "the filter's length is not its prog
 
 bool confine() {
     if (audit_arch == 0) return false;
+#if defined(SMTP521_TEST_NO_FILTER)  // the tests' mutant (test/test_mutation.py): claims a filter, installs none
+    return true;
+#endif
 #if defined(__SANITIZE_ADDRESS__)
     // The AddressSanitizer build (make check): LeakSanitizer's check at exit
     // needs threads, ptrace and /proc, which the filter refuses, so it runs

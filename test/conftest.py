@@ -5,8 +5,9 @@
   SMTP521_BINARY=/usr/sbin/smtp521 makes `binary` that program instead of
   the builds (debian/tests/sessions: the installed package).
 - `syslog`, `server`, `systemd`, `world_copy`: the private /dev/log, the
-  super-servers, a private systemd, and a copy of the binary every user can
-  run; each is stopped and removed after the test, failed or not.
+  super-servers, the private systemd (harness.Systemd; every suite boots
+  it here), and a copy of the binary every user can run; each is stopped
+  and removed after the test, failed or not.
 - `@pytest.mark.needs("root", "inetd", ...)`: skip with the reason unless
   available (see harness.CAPABILITIES); each is checked once.
 - Under CI=true a skip is a failure: CI must run everything, except where
@@ -23,7 +24,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-BUILDS = {"plain": "smtp521", "asan": "smtp521-asan"}
+# "coverage": make coverage's instrumented build (test/coverage).
+BUILDS = {"plain": "smtp521", "asan": "smtp521-asan", "coverage": "coverage/smtp521"}
 # An installed smtp521 to test instead of the builds (an absolute path).
 INSTALLED = os.environ.get("SMTP521_BINARY")
 
@@ -58,7 +60,7 @@ def builds(config):
     names = [b.strip() for b in config.getoption("build").split(",") if b.strip()]
     unknown = set(names) - set(BUILDS)
     if unknown:
-        raise pytest.UsageError(f"--build: unknown {', '.join(sorted(unknown))} (plain, asan)")
+        raise pytest.UsageError(f"--build: unknown {', '.join(sorted(unknown))} ({', '.join(BUILDS)})")
     return names
 
 
@@ -152,21 +154,25 @@ def server():
 
 @pytest.fixture
 def systemd(smtp521):
-    """systemd(unitdir) -> a booted harness.Systemd running the plain build;
-    killed after the test, its console printed."""
+    """systemd(unitdir, binary=plain build, wrapper=None) -> a booted
+    harness.Systemd, the tests' one private systemd; killed after the
+    test, its console printed, and unitdir removed."""
     harness.need("systemd")
     booted = []
 
-    def boot(unitdir, binary=smtp521):
-        sd = harness.Systemd(unitdir, binary)
-        booted.append(sd)
+    def boot(unitdir, binary=smtp521, wrapper=None):
+        booted.append((None, unitdir))
+        sd = harness.Systemd(unitdir, binary, wrapper=wrapper)
+        booted[-1] = (sd, unitdir)
         return sd
 
     try:
         yield boot
     finally:
-        for sd in booted:
-            sd.stop()
+        for sd, unitdir in booted:
+            if sd:
+                sd.stop()
+            shutil.rmtree(unitdir, ignore_errors=True)
 
 
 @pytest.fixture

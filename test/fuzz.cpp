@@ -55,7 +55,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (size < 2) return 0;
     Options options;
     options.mode = static_cast<Mode>(data[0] % 3);
-    options.max_commands = data[0] / 3 == 0 ? 100000 : data[0] / 3;
+    options.max_commands = data[0] / 3 == 0 ? max_commands_limit : data[0] / 3;
     options.hostname = "mx.test";
     std::uint32_t seed = data[1] * 2654435761u + 1;
     std::string_view input(reinterpret_cast<const char*>(data + 2), size - 2);
@@ -112,3 +112,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         require(last_line.substr(0, 4) == "221 ", "QUIT is answered with 221, and nothing after");
     return 0;
 }
+
+#if defined(SMTP521_FUZZ_REPLAY)
+// Without libFuzzer (make coverage, with g++): each file named is one input.
+#include <fstream>
+#include <iterator>
+
+int main(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+        std::ifstream in(argv[i], std::ios::binary);
+        if (!in) {
+            std::fprintf(stderr, "%s: cannot read\n", argv[i]);
+            return 1;
+        }
+        std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+        LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
+    }
+    return 0;
+}
+#endif

@@ -4,6 +4,7 @@ loopback client, the super-servers, a private /dev/log, a private systemd,
 and the checks for what a test needs (root, namespaces, tools), each done
 once and each naming what is missing."""
 import errno
+import fcntl
 import functools
 import os
 import random
@@ -70,6 +71,55 @@ BYE_521 = b"221 mx.test closing connection\r\n"
 TEXT = b"does not accept mail"  # the default --message, as in every reply above
 SESSION_IN = crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<b@mx.test>", "QUIT")
 SESSION_OUT = GREET + EHLO + OK_MAIL + REFUSAL + BYE
+
+
+@functools.lru_cache(maxsize=None)
+def help_text():
+    """smtp521 --help, read from its one home, the string in smtp521.cpp
+    (so that collection, before any build, can use it)."""
+    with open(os.path.join(ROOT, "smtp521.cpp")) as f:
+        source = f.read()
+    start = source.index('"usage: smtp521')
+    end = source.index(";", source.index("the last of them wins", start))
+    return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', source[start:end])).replace("\\n", "\n").replace('\\"', '"')
+
+
+def option_range(long_name):
+    """(least, most, default) of a numeric option, as --help gives them:
+    option_range("timeout") == (1, 86400, 300)."""
+    block = re.search(rf"--{long_name} .*?(?=\n  -|\n\S)", help_text(), re.S)
+    text = " ".join(block.group(0).split()) if block else ""
+    bounds = re.search(r"(\d+)-(\d+)|(\d+) never, at most (\d+)", text)
+    default = re.search(r"\(default (\d+)\)", text)
+    assert bounds and default, f"--{long_name}: no range and default in --help: {text!r}"
+    return tuple(int(g) for g in bounds.groups() if g is not None) + (int(default.group(1)),)
+
+
+def fill(fd):
+    """Write to the pipe `fd` until its buffer is full; the octets written."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    n = 0
+    try:
+        while True:
+            n += os.write(fd, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return n
+
+
+def current_syscall(pid):
+    """The system call a process waits in, and its first argument, as
+    /proc/PID/syscall gives them ("1", "0x2": write to fd 2 on x86-64);
+    None once it is gone or running."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            nr, arg = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return nr, arg
 
 
 # ------------------------------------------------------------ what a test needs
@@ -199,10 +249,20 @@ def _interop():
     return _tool_reason("apt-get", "apt")
 
 
+def _ipv6():
+    """An IPv6 loopback address to listen on (a kernel or container may
+    have none)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        return HOST_LIMIT + f"no IPv6 loopback: {e.strerror}"
+    return None
+
+
 CAPABILITIES = {
     "root": _root,
     "mountns": _mountns,
-    "userns": _userns,
     "devlog": _devlog,
     "systemd": _systemd,
     "fuzz": _fuzz,
@@ -211,17 +271,14 @@ CAPABILITIES = {
     "needs openbsd-inetd (/usr/sbin/inetd)",
     "tcpserver": lambda: _tool_reason("tcpserver", "ucspi-tcp"),
     "i386": _i386,
+    "ipv6": _ipv6,
     "cpu-quota": lambda: _controller("cpu", "CPUQuota= cannot be enforced"),
     "pids": lambda: _controller("pids", "a slice counts no sessions, and smtp521 sees no stress"),
     "strace": lambda: _tool_reason("strace", "strace"),
     "man": lambda: _tool_reason("man", "man-db"),
-    "unshare": lambda: _tool_reason("unshare", "util-linux"),
-    "nsenter": lambda: _tool_reason("nsenter", "util-linux"),
-    "cc": lambda: _tool_reason("cc", "gcc"),
     "systemd-socket-activate": lambda: _tool_reason("systemd-socket-activate", "systemd"),
     "systemd-analyze": lambda: _tool_reason("systemd-analyze", "systemd"),
     "mandoc": lambda: _tool_reason("mandoc", "mandoc"),
-    "make": lambda: _tool_reason("make", "make"),
 }
 
 
@@ -270,11 +327,22 @@ class Child:
     def __init__(self, binary, args, sock_kind="pair", stderr_is_socket=False, env=None):
         if sock_kind == "pair":
             self.client, server = socket.socketpair()
+        elif sock_kind == "seqpacket":
+            # Each write(2) is one record, and one recv() returns one
+            # record: what the client reads shows how the server wrote.
+            self.client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         else:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.bind(("127.0.0.1", 0))
+            # "tcp", "tcp6", or "tcp4-mapped": an IPv4 client of a dual-stack
+            # listener, which the server sees as ::ffff:127.0.0.1.
+            family, listen, connect = {"tcp": (socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+                                       "tcp6": (socket.AF_INET6, "::1", "::1"),
+                                       "tcp4-mapped": (socket.AF_INET6, "::", "127.0.0.1")}[sock_kind]
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind((listen, 0))
             listener.listen(1)
-            self.client = socket.create_connection(listener.getsockname())
+            self.client = socket.create_connection((connect, listener.getsockname()[1]))
             server, _ = listener.accept()
             listener.close()
         self.start = time.monotonic()
@@ -414,6 +482,17 @@ def listening(port, family=socket.AF_INET):
     table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
     with open(table) as f:
         return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in f)
+
+
+def accept_queue(port):
+    """Connections waiting in the accept queue of the listening TCP socket
+    on `port` (its rx_queue in /proc/net/tcp); 0 when none listens."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
+                return int(cols[4].split(":")[1], 16)
+    return 0
 
 
 def inetd_conf(path, port, binary, extra_args, suffix=None):
@@ -623,18 +702,23 @@ class Syslog:
 # ------------------------------------------------------------ a private systemd
 
 class Systemd:
-    """A private systemd (test/with-systemd) that knows only the units in
-    unitdir; its console is collected and printed on stop()."""
+    """The one private systemd of the tests and benchmarks (test/with-systemd;
+    tests get it from conftest's `systemd` fixture) that knows only the
+    units in unitdir; its console is collected and printed on stop().
+    `wrapper`: a command systemd runs under (it must exec its arguments,
+    as test/no-userns does); `prefix`: an argv that runs with-systemd
+    (and must exec it: bench/units.py joins a cgroup and binds an /etc)."""
 
-    def __init__(self, unitdir, binary, timeout=20):
+    def __init__(self, unitdir, binary, timeout=20, wrapper=None, prefix=()):
         # Its console is a pseudo-terminal (test/with-systemd puts it on
         # /dev/console, where PID 1 writes), read here.
         # It shares the host's cgroup hierarchies, and is killed rather
         # than shut down: stop() removes the cgroups it made.
         self.cgroups_before = cgroup_dirs()
         master, slave = os.openpty()
-        self.proc = subprocess.Popen([os.path.join(HERE, "with-systemd"), unitdir, binary],
-                                     stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        env = dict(os.environ, WITH_SYSTEMD_WRAPPER=wrapper) if wrapper else None
+        self.proc = subprocess.Popen(list(prefix) + [os.path.join(HERE, "with-systemd"), unitdir, binary],
+                                     stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
         os.close(slave)
         self.output = Output(os.fdopen(master, "rb"))
         self.pid = None
@@ -673,6 +757,22 @@ class Systemd:
 
     def console(self):
         return self.output.text()[-4000:]
+
+    def path(self, path):
+        """A path of the namespace, seen from the host."""
+        return f"/proc/{self.pid}/root{path}"
+
+    def write(self, path, text):
+        os.makedirs(os.path.dirname(self.path(path)), exist_ok=True)
+        with open(self.path(path), "w") as f:
+            f.write(text)
+
+    def state(self, unit):
+        return self.ctl("is-active", unit, check=False).stdout.strip()
+
+    def failed(self, pattern="smtp521*"):
+        out = self.ctl("list-units", "--all", "--state=failed", "--plain", "--no-legend", pattern).stdout
+        return [line.split()[0] for line in out.splitlines() if line.strip()]
 
     def ctl(self, *args, check=True, tool="systemctl"):
         # -r -w: the target's root and working directory, not the mount

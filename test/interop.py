@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from harness import ROOT, TEXT, free_port
+from harness import ROOT, TEXT, free_port, listening, wait_for
 
 MODES = [("rcpt", []), ("greeting", ["-r", "greeting"]), ("close", ["-c"])]
 NAME = "mx.test"
@@ -80,16 +80,6 @@ def apt_install(*packages):
 
 def version(package):
     return run(["dpkg-query", "-W", "-f", "${Version}", package]).stdout.strip()
-
-
-def wait_for(predicate, timeout, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
 
 
 # ------------------------------------------------------------ the machine
@@ -302,11 +292,6 @@ class Responders:
         for s in self.sinks:
             s.shutdown()
             s.server_close()
-
-
-def listening(port):
-    with open("/proc/net/tcp") as f:
-        return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in f)
 
 
 class SinkHandler(socketserver.StreamRequestHandler):

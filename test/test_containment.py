@@ -1,15 +1,15 @@
 """Containment of the systemd units under a private systemd
 (test/with-systemd): the shipped unit serves where user namespaces cannot
 be created, with and without journald; a failing instance is visible to
-the administrator; smtp521.slice keeps a flood of connections from
-starving a CPU-bound process outside it; /etc/default/smtp521 changes the
-options without editing ExecStart=; a socket drop-in binds one address."""
+the administrator; smtp521.slice holds a flood of connections to its
+CPUQuota=, which the same flood exceeds without it; /etc/default/smtp521
+changes the options without editing ExecStart=; a socket drop-in binds
+one address."""
 import asyncio
 import json
 import os
 import re
 import resource
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +18,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BYE, BYE_521, GREET, GREET_521, Systemd, default_name, free_port, talk, unit_dir, wait_for, SESSION_IN, SESSION_OUT, TEXT  # noqa: E402
+from harness import BYE, BYE_521, GREET, GREET_521, default_name, free_port, talk, unit_dir, wait_for, SESSION_IN, SESSION_OUT, TEXT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = default_name()
@@ -58,14 +58,14 @@ def read(name):
 # cgroup and its limits.  It is a slice below smtp521.slice, the only ones
 # whose sessions smtp521 counts for its stress signal.
 SLICE = f"smtp521-t{os.getpid()}.slice"
-# The least share of its idle throughput that a CPU-bound process outside
-# the slice must keep while a flood runs through it.  Measured on 2 shared
-# CPUs in twelve runs: 42-62% with the slice, 35-50% without (the man
-# page, DEPLOYMENT).  What the slice itself grants is asserted exactly,
-# against CPUQuota=; the rest of the loss is outside any slice (PID 1, the
-# kernel, the flood's own client), so the margin here is for a busier or
-# smaller CI machine.
-KEPT = 0.30
+# What a CPU-bound process outside the slice keeps of its idle throughput
+# while a flood runs is printed, not asserted: measured on 2 shared CPUs in
+# six runs of this test, 36-59% with the slice and 40-57% without it.  The
+# flood here is bound by its own client and by PID 1, which no slice
+# holds, so the probe cannot tell the two apart.  What the slice does is
+# asserted, against the run without it: its sessions got at most
+# CPUQuota= (0.245-0.249 CPU-s a second) where the same flood without it
+# took more (0.30-0.34; the less, the busier the host).
 
 
 def units(port, variants=()):
@@ -75,52 +75,11 @@ def units(port, variants=()):
     return unit_dir(port, slice=SLICE, variants=[(suffix, p, None, edit) for suffix, p, edit in variants])
 
 
-class Booted(Systemd):
-    """deploy.Systemd, optionally under a wrapper (test/no-userns)."""
-
-    def __init__(self, unitdir, binary, wrapper=None):
-        env = os.environ.get("WITH_SYSTEMD_WRAPPER")
-        if wrapper:
-            os.environ["WITH_SYSTEMD_WRAPPER"] = wrapper
-        try:
-            super().__init__(unitdir, binary)
-        finally:
-            if env is None:
-                os.environ.pop("WITH_SYSTEMD_WRAPPER", None)
-            else:
-                os.environ["WITH_SYSTEMD_WRAPPER"] = env
-
-    def path(self, path):
-        """A path of the namespace, seen from the host."""
-        return f"/proc/{self.pid}/root{path}"
-
-    def write(self, path, text):
-        os.makedirs(os.path.dirname(self.path(path)), exist_ok=True)
-        with open(self.path(path), "w") as f:
-            f.write(text)
-
-    def state(self, unit):
-        return self.ctl("is-active", unit, check=False).stdout.strip()
-
-    def failed(self, pattern="smtp521*"):
-        out = self.ctl("list-units", "--all", "--state=failed", "--plain", "--no-legend", pattern).stdout
-        return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
 @pytest.fixture
-def boot(binary):
-    """boot(unitdir, wrapper=None) -> a running Booted, stopped afterwards."""
-    booted = []
-
-    def start(unitdir, wrapper=None):
-        sd = Booted(unitdir, binary, wrapper)
-        booted.append((sd, unitdir))
-        return sd
-
-    yield start
-    for sd, unitdir in booted:
-        sd.stop()
-        shutil.rmtree(unitdir, ignore_errors=True)
+def boot(systemd, binary):
+    """boot(unitdir, wrapper=None): conftest's private systemd running this
+    module's binary."""
+    return lambda unitdir, wrapper=None: systemd(unitdir, binary, wrapper)
 
 
 def refused(port):
@@ -306,7 +265,7 @@ def cpu(sd, unit):
 
 
 @pytest.mark.needs("cpu-quota")
-def test_slice_keeps_host_cpu_under_flood(boot):
+def test_slice_holds_a_flood_to_its_cpu_quota(boot):
     # The same flood twice: through the shipped units, and through a copy
     # of them without Slice= (so in system.slice, unlimited).  Meanwhile a
     # CPU-bound probe outside runs on every CPU; its throughput is compared
@@ -319,7 +278,7 @@ def test_slice_keeps_host_cpu_under_flood(boot):
     limits = {k: sd.ctl("show", "-p", k, "--value", SLICE).stdout.strip()
               for k in ("CPUQuotaPerSecUSec", "MemoryMax", "TasksMax")}
     seconds, workers, holders = 8, 48, 32
-    idles, kept = [idle()], {}
+    idles, kept, rate_of = [idle()], {}, {}
     for name, p, unit in (("slice", port, SLICE), ("no slice", open_port, "system-smtp521\\x2dopen.slice")):
         loop = asyncio.new_event_loop()
         started, cpu_before = time.monotonic(), cpu(sd, unit)
@@ -336,6 +295,7 @@ def test_slice_keeps_host_cpu_under_flood(boot):
             loop.close()
         idles.append(idle())
         kept[name] = rate / max(idles[-2:])
+        rate_of[name] = used[0] / took  # CPU seconds a second, of the sessions
         print(f"\n{name}: probe {rate:.0f}/s, {100 * kept[name]:.0f}% of idle {max(idles[-2:]):.0f}/s;"
               f" connections {tally} in {took:.1f} s; {mem / holders / 1024:.0f} KiB a held session;"
               f" CPU a session: {1000 * used[0] / tally['whole']:.1f} ms in {unit},"
@@ -362,7 +322,12 @@ def test_slice_keeps_host_cpu_under_flood(boot):
             assert used[0] <= (quota + overrun) * took, (used, quota, overrun, took)
     print(f"slice {limits}; idle probe runs {[round(i) for i in idles]}")
     assert sd.failed() == [], sd.failed()
-    assert kept["slice"] >= KEPT, kept
+    # The slice is what held them: without it the same flood took more,
+    # more than the quota too (else this run could show nothing).
+    print(f"sessions' CPU seconds a second: {rate_of}")
+    quota = int(limits["CPUQuotaPerSecUSec"].removesuffix("ms")) / 1000
+    assert rate_of["no slice"] > quota, (rate_of, quota)
+    assert rate_of["slice"] < rate_of["no slice"], (rate_of, kept)
 
 
 # ------------------------------------------------------------ /etc/default/smtp521

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from harness import BYE, GREET, LOG_FIELDS, SESSION_IN, SESSION_OUT, Child, Server, children, crlf, fields, free_port
+from harness import (BYE, GREET, SESSION_IN, SESSION_OUT, Child, Server, children, crlf, current_syscall, fields, fill,
+                     free_port)
 
 DEADLINE = 3  # smtp521 -t; the whole suite takes about two deadlines
 # How late after its deadline a session may end: a busy machine (500
@@ -20,6 +21,8 @@ LATE = DEADLINE
 # this long: the process may start late (one super-server spawning 500 on
 # a busy machine), and its deadline counts from its start.
 PATIENCE = DEADLINE + 60
+# -n: no session of the flood ends by the command limit.
+OPTIONS = ["-H", "mx.test", "-t", str(DEADLINE), "-n", "100000", "-l", "stderr"]
 KINDS = {"full": 250, "silent": 150, "slowloris": 25, "flooder": 25, "resetter": 25, "halfclose": 25}
 pytestmark = pytest.mark.needs("systemd-socket-activate")
 
@@ -58,38 +61,49 @@ def client(kind, port, results):
             outcome["out"], outcome["close"] = read_all(s)
             outcome["ok"] = outcome["out"] == GREET
         elif kind == "slowloris":
+            # A byte every 300 ms until the server closes (end of file, or
+            # a reset or a failed send: it closed with input unread).
             s.setblocking(False)
             got = b""
+            outcome["close"] = None
             while time.monotonic() - start < PATIENCE:
                 try:
                     s.send(b"X")
-                except OSError:
+                except OSError as e:
+                    outcome["close"] = f"send: {e.strerror}"
                     break
                 time.sleep(0.3)
                 try:
                     chunk = s.recv(4096)
                     if not chunk:
+                        outcome["close"] = "eof"
                         break
                     got += chunk
                 except BlockingIOError:
                     pass
-                except OSError:
+                except OSError as e:
+                    outcome["close"] = f"recv: {e.strerror}"
                     break
             outcome["out"] = got
-            outcome["ok"] = got == GREET
+            outcome["ok"] = got == GREET and outcome["close"] is not None
         elif kind == "flooder":
+            # Commands as fast as the server takes them, no reply read,
+            # until the server closes (a failed send: reset, broken pipe).
             s.setblocking(False)
             payload = b"NOOP\r\n" * 10000
             sent = 0
+            outcome["close"] = None
             while time.monotonic() - start < PATIENCE:
                 try:
                     sent += s.send(payload)
                 except BlockingIOError:
                     time.sleep(0.01)
-                except OSError:
+                except OSError as e:
+                    outcome["close"] = f"send: {e.strerror}"
                     break
             outcome["sent"] = sent
-            outcome["ok"] = sent > 1 << 20  # megabytes went out, none were read
+            # Megabytes went out, none were read, and the server closed.
+            outcome["ok"] = sent > 1 << 20 and outcome["close"] is not None
         elif kind == "resetter":
             # Greeted, then gone with a reset while replies are due.
             outcome["out"] = s.recv(len(GREET))
@@ -109,28 +123,60 @@ def client(kind, port, results):
     results.append(outcome)
 
 
-def vm_hwm(pid, binary=None):
-    """VmHWM (KiB) of the process, 0 if it is gone or (given `binary`) is
-    not yet that program: a super-server's child before its exec is a copy
-    of the super-server."""
+def rss_anon(pid, binary=None):
+    """RssAnon (KiB) of the process: its heap, stack, bss and written data,
+    what fixed buffers occupy; not the code pages a path happens to touch
+    (RssFile).  0 if it is gone or (given `binary`) is not yet that
+    program: a super-server's child before its exec is a copy of the
+    super-server."""
     try:
         if binary and os.readlink(f"/proc/{pid}/exe") != os.path.realpath(binary):
             return 0
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith("RssAnon:"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
 
 
-def idle_hwm(binary):
-    """VmHWM (KiB) of one session of the same binary waiting alone."""
-    c = Child(binary, ["-H", "mx.test", "-l", "none"])
+def blocked_in_log_write(pid):
+    """True once the process waits in write(2) to fd 2 (x86-64 and most
+    others number write 1 or 64)."""
+    call = current_syscall(pid)
+    return call is not None and call[0] in ("1", "64") and int(call[1], 16) == 2
+
+
+def baseline_anon(binary):
+    """RssAnon (KiB) of one session of the same binary and options, alone,
+    at its end: a dialog whose replies it reads, then commands whose
+    replies it does not read, until the deadline cuts it; held in its log
+    line's write (a full stderr pipe), when every buffer and the deepest
+    stack it had are still mapped.  The flood's other kinds (a trickle, a
+    reset, a drain after QUIT) read into the same fixed buffers."""
+    c = Child(binary, OPTIONS)
     try:
-        assert c.read_lines(1) == GREET
-        return vm_hwm(c.proc.pid)
+        # Fill the stderr pipe through the process's own fd 2.
+        stderr = os.open(f"/proc/{c.proc.pid}/fd/2", os.O_WRONLY)
+        try:
+            filler = fill(stderr)
+        finally:
+            os.close(stderr)
+        c.send(crlf("EHLO a", "MAIL FROM:<x@y>", "RCPT TO:<u@v>", "DATA"))
+        c.client.setblocking(False)
+        payload = b"NOOP\r\n" * 10000
+        while not blocked_in_log_write(c.proc.pid) and c.alive():
+            try:
+                c.client.send(payload)
+            except (BlockingIOError, OSError):
+                time.sleep(0.01)
+        assert blocked_in_log_write(c.proc.pid), "the session ended without writing its log line"
+        anon = rss_anon(c.proc.pid)
+        assert len(c.proc.stderr.read(filler)) == filler
+        c.wait(timeout=10)
+        assert c.stderr.startswith(b"peer="), c.stderr
+        return anon
     finally:
         c.close()
 
@@ -138,10 +184,10 @@ def idle_hwm(binary):
 @pytest.fixture(scope="module")
 def load_run(smtp521):
     """One run of all 500 clients at once; the tests below read its results."""
-    base_hwm = idle_hwm(smtp521)
+    base_anon = baseline_anon(smtp521)
     port = free_port()
     srv = Server(["systemd-socket-activate", "--inetd", "-a", "-l", f"127.0.0.1:{port}",
-                  smtp521, "-H", "mx.test", "-t", str(DEADLINE), "-n", "100000", "-l", "stderr"], port)
+                  smtp521] + OPTIONS, port)
     try:
         results = []
         threads = [threading.Thread(target=client, args=(kind, port, results))
@@ -149,12 +195,12 @@ def load_run(smtp521):
         start = time.monotonic()
         for t in threads:
             t.start()
-        peak_procs = peak_hwm = 0
+        peak_procs = peak_anon = 0
         while any(t.is_alive() for t in threads) and time.monotonic() - start < PATIENCE + 15:
             pids = children(srv.proc.pid)
             peak_procs = max(peak_procs, len(pids))
-            for pid in pids[:50]:
-                peak_hwm = max(peak_hwm, vm_hwm(pid, smtp521))
+            for pid in pids:
+                peak_anon = max(peak_anon, rss_anon(pid, smtp521))
             time.sleep(0.1)
         for t in threads:
             t.join(timeout=5)
@@ -167,9 +213,9 @@ def load_run(smtp521):
     finally:
         err = srv.stop().encode()
     print(f"500 clients in {wall:.1f}s: up to {peak_procs} smtp521 processes at once, "
-          f"peak VmHWM {peak_hwm} KiB a process")
-    return dict(results=results, err=err, leftover=leftover, peak_procs=peak_procs, peak_hwm=peak_hwm,
-                base_hwm=base_hwm, wall=wall)
+          f"peak RssAnon {peak_anon} KiB a process, {base_anon} KiB in one alone")
+    return dict(results=results, err=err, leftover=leftover, peak_procs=peak_procs, peak_anon=peak_anon,
+                base_anon=base_anon, wall=wall)
 
 
 def test_every_client_got_its_replies(load_run):
@@ -218,7 +264,6 @@ def test_log_lines_stay_single_and_printable(load_run):
     for line in lines:
         assert all(0x20 <= b < 0x7f for b in line), line
         f = fields(line.decode())
-        assert list(f) == LOG_FIELDS, line
         assert f["sandbox"] == "on", line
         ends[f["end"]] = ends.get(f["end"], 0) + 1
     print(f"     end reasons: {dict(sorted(ends.items()))}")
@@ -227,8 +272,12 @@ def test_log_lines_stay_single_and_printable(load_run):
 
 def test_peak_memory_per_process(load_run):
     # Fixed buffers: no session of the flood (megabytes of commands, a
-    # trickle, a reset) grows past one waiting alone, but for the pages its
-    # replies and reads touch (the same 128 KiB as the megabyte line of
-    # test_blackbox).  make bench measures the memory itself.
+    # trickle, a reset, 500 at once) holds more anonymous memory than one
+    # session alone that took the same paths.  make bench measures the
+    # memory itself.
+    # Linux moves a new process's stack pointer down by up to 8 KiB at
+    # random (arch_align_stack(), arch/x86/kernel/process.c), so the same
+    # frames span up to two more pages in one process than in another:
+    # 72-80 KiB for the baseline here, 72 every time under setarch -R.
     run = load_run
-    assert 0 < run["peak_hwm"] <= run["base_hwm"] + 128, (run["peak_hwm"], run["base_hwm"])
+    assert 0 < run["peak_anon"] <= run["base_anon"] + 8, (run["peak_anon"], run["base_anon"])

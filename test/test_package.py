@@ -1,10 +1,10 @@
 """The Debian package (debian/): built from this tree with `make deb`, its
-file list, its version, its build flags, lintian, and the units and
-maintainer scripts from the .deb under a private systemd (test/with-systemd).
+file list, its version, its build flags, and the units and maintainer
+scripts from the .deb under a private systemd (test/with-systemd).
 
 Run: /usr/bin/python3 -m pytest -q test/test_package.py (root for the
 systemd tests; debhelper, dpkg-dev, fakeroot, lintian, blhc, file from
-test/packages).  piuparts is not run here but by `make deb-check`.
+test/packages).  lintian and piuparts are not run here but by `make deb-check`.
 """
 import glob
 import gzip
@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from harness import SESSION_IN, SESSION_OUT, TEXT, Systemd, default_name, free_port, talk
+from harness import SESSION_IN, SESSION_OUT, TEXT, default_name, free_port, option_range, talk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -242,7 +242,7 @@ def test_default_file_lists_every_option_with_its_default(package):
     for opt, default in defaults + [("--refuse-at", "rcpt")]:
         assert f"{opt} {default}" in commented, (opt, default)
     assert re.search(r"rcpt \(default\)", help_text)
-    assert re.search(r"\(default\s+200\)", help_text)
+    assert ("--max-commands", str(option_range("max-commands")[2])) in defaults, defaults
     assert f"--message '{TEXT.decode()}'" in commented and f'"{TEXT.decode()}"' in help_text
 
 
@@ -277,14 +277,6 @@ def test_build_flags_and_dynamic_pie(package):
     assert re.match(r"libc6 \(>= [\d.]+\)", depends), depends
     assert "Built-Using" not in subprocess.run(["dpkg-deb", "-f", package.deb], capture_output=True,
                                                text=True, check=True).stdout
-
-
-@pytest.mark.needs("tool:lintian")
-def test_lintian_clean(package):
-    p = subprocess.run(["lintian", "--pedantic", "--fail-on", "error,warning", package.changes],
-                       capture_output=True, text=True, timeout=600)
-    tags = [ln for ln in p.stdout.splitlines() if re.match(r"[EW]: ", ln)]
-    assert p.returncode == 0 and tags == [], p.stdout + p.stderr
 
 
 # ------------------------------------------------------------ under systemd
@@ -336,7 +328,7 @@ def finish_session(c, got):
 
 
 @pytest.mark.needs("systemd")
-def test_units_from_the_package_serve_a_session(package):
+def test_units_from_the_package_serve_a_session(package, systemd):
     # The units as shipped, the port and the binary's path aside, under a
     # real systemd; the environment file is the package's conffile.
     port = free_port()
@@ -350,7 +342,7 @@ def test_units_from_the_package_serve_a_session(package):
         with open(os.path.join(units, name), "w") as f:
             f.write(unit_copy(package, name, f"127.0.0.1:{port}", envfile=env))
     shutil.copy(package.path(SYSUSERS), os.path.join(units, "smtp521.sysusers"))  # its user, made by with-systemd
-    sd = Systemd(units, package.path("usr/sbin/smtp521"))
+    sd = systemd(units, package.path("usr/sbin/smtp521"))
     try:
         sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket")
         name = default_name()
@@ -378,7 +370,7 @@ class Namespace:
     dpkg runs them.  deb-systemd-helper's state and policy-rc.d (Docker's
     forbids starting services) are private to the namespace too."""
 
-    def __init__(self, package, port):
+    def __init__(self, package, port, systemd):
         self.package, self.port = package, port
         self.dir = tempfile.mkdtemp(prefix="smtp521-pkgns-")
         os.chmod(self.dir, 0o755)
@@ -393,7 +385,7 @@ class Namespace:
         for name in UNITS:
             with open(os.path.join(self.units, name), "w") as f:
                 f.write(unit_copy(package, name, port))
-        self.sd = Systemd(own, package.path("usr/sbin/smtp521"))
+        self.sd = systemd(own, package.path("usr/sbin/smtp521"))
         self.sh("mount -t tmpfs tmpfs /var/lib/systemd; "
                 "if [ -e /usr/sbin/policy-rc.d ]; then mount --bind /bin/true /usr/sbin/policy-rc.d; fi")
         self.sd.ctl("start", "systemd-journald.socket", "systemd-journald.service")
@@ -441,14 +433,14 @@ def wait_state(ns, want, timeout=30):
 
 
 @pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
-def test_install_upgrade_remove_purge_under_systemd(package):
+def test_install_upgrade_remove_purge_under_systemd(package, systemd):
     # What dpkg runs, in order, against a real systemd: install enables
     # and starts the socket; an upgrade restarts it while a session is held
     # open, and the session goes on to its end; remove stops it and keeps
     # its enable symlink (a reinstall keeps it enabled or disabled); purge
     # leaves no symlink behind.
     port = free_port()
-    ns = Namespace(package, str(port))
+    ns = Namespace(package, str(port), systemd)
     v = package.version
     name = default_name()
     try:
@@ -523,7 +515,7 @@ def test_install_upgrade_remove_purge_under_systemd(package):
 
 
 @pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
-def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
+def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package, systemd):
     # Debian's exim4 holds 127.0.0.1:25; a socket on all addresses of the
     # port cannot start.  The installation succeeds, prints what to do, and
     # what it prints (the drop-in, with another address) works.
@@ -532,7 +524,7 @@ def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package):
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     holder.bind(("127.0.0.1", port))
     holder.listen()
-    ns = Namespace(package, str(port))
+    ns = Namespace(package, str(port), systemd)
     try:
         ns.unpack()
         p = ns.script("postinst", "configure")

@@ -1,11 +1,15 @@
 // Unit tests of the pure session core: bytes in, replies and an end reason
-// out, no I/O.  Each case is one row of a table.
+// out, no I/O.  The dialogs are test/sessions', replayed here.
 #define SMTP521_NO_MAIN
 #include "../smtp521.cpp"
 
 #include "catch.hpp"
 
+#include <dirent.h>
 #include <sys/wait.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include <string>
 #include <vector>
@@ -26,6 +30,21 @@ Options make_options(Mode mode) {
     o.hostname = "mx.test";
     return o;
 }
+
+// A session of `options` that the test feeds itself, with its replies.
+struct Core {
+    Replies replies;
+    Session s;
+    Output out;
+    explicit Core(const Options& options) : replies(built(options)), s(replies, options.max_commands) {}
+    Core(const Core&) = delete;
+
+    static Replies built(const Options& options) {
+        Replies r;
+        REQUIRE(build_replies(options, r));
+        return r;
+    }
+};
 
 // Feed `input` in pieces of `chunk` bytes (0: all at once), then EOF.
 Result drive(const Options& options, const std::string& input, std::size_t chunk = 0) {
@@ -60,78 +79,143 @@ const std::string bye = "221 mx.test closing connection\r\n";
 const std::string bye_rcpt = "221 2.0.0 mx.test closing connection\r\n";
 const std::string ehlo_rcpt = "250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n";
 
-struct Case {
-    const char* name;
-    Mode mode;
-    std::string input;
-    std::string expected;
-    EndReason end;
+// ------------------------------------------------ the scripted sessions
+//
+// test/sessions/*.session (test_sessions.py describes the format) are the
+// dialogs' one home: the real binary runs them there, and the core here,
+// whole and in pieces of 1 and 3 bytes.  SMTP521_SESSIONS names the
+// directory (test_unit.py sets it); else test/sessions under the current one.
+
+struct Script {
+    std::string name;
+    std::vector<std::string> args{"-H", "mx.test"};
+    std::string input, output;
+    std::vector<std::pair<std::string, std::string>> log;
+    int exit = 0;
 };
 
-const std::vector<Case> cases = {
-    // Default mode: 220, then the refusal from RCPT on.
-    {"rcpt: a whole transaction", Mode::rcpt,
-     "EHLO a\r\nMAIL FROM:<x@y>\r\nRCPT TO:<u@v>\r\nDATA\r\nQUIT\r\n",
-     greet_rcpt + ehlo_rcpt + "250 2.1.0 Ok\r\n" + refusal + refusal + bye_rcpt, EndReason::quit},
-    {"rcpt: HELO, RSET, NOOP are fine", Mode::rcpt, "HELO a\r\nRSET\r\nNOOP\r\nQUIT\r\n",
-     greet_rcpt + "250 mx.test\r\n250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n" + bye_rcpt, EndReason::quit},
-    {"rcpt: VRFY, EXPN, HELP, STARTTLS, AUTH, unknown are refused", Mode::rcpt,
-     "VRFY u\r\nEXPN l\r\nHELP\r\nSTARTTLS\r\nAUTH PLAIN\r\nXYZZY\r\n",
-     greet_rcpt + refusal + refusal + refusal + refusal + refusal + refusal, EndReason::eof},
-    {"rcpt: every RCPT is refused", Mode::rcpt, "MAIL FROM:<>\r\nRCPT TO:<a@b>\r\nRCPT TO:<c@d>\r\n",
-     greet_rcpt + "250 2.1.0 Ok\r\n" + refusal + refusal, EndReason::eof},
-    // RFC 1846 4.2 (b) / RFC 7504 3: the standard's dialog.  No extension
-    // is offered, so no enhanced status code either (RFC 2034 4).
-    {"greeting: 521 to everything but QUIT", Mode::greeting,
-     "EHLO a\r\nHELO a\r\nMAIL FROM:<x@y>\r\nRCPT TO:<u@v>\r\nDATA\r\nRSET\r\nNOOP\r\nVRFY x\r\nHELP\r\n\r\nQUIT\r\n",
-     greet_521 + greet_521 + greet_521 + greet_521 + greet_521 + greet_521 + greet_521 + greet_521 + greet_521 +
-         greet_521 + greet_521 + bye,
-     EndReason::quit},
-    {"close: greeting, then the end", Mode::close, "EHLO a\r\n", greet_521, EndReason::close},
-    // RFC 5321 2.4 and 4.1.1.10: QUIT in any case; only the whole word.
-    {"quit lower case", Mode::greeting, "quit\r\n", greet_521 + bye, EndReason::quit},
-    {"quit mixed case", Mode::greeting, "QuIt\r\n", greet_521 + bye, EndReason::quit},
-    {"QUIT with trailing text", Mode::greeting, "QUIT now\r\n", greet_521 + bye, EndReason::quit},
-    {"QUITX is not QUIT", Mode::greeting, "QUITX\r\n", greet_521 + greet_521, EndReason::eof},
-    {"ehlo lower case is EHLO", Mode::rcpt, "ehlo a\r\n", greet_rcpt + ehlo_rcpt, EndReason::eof},
-    // Blanks after the verb are the separator, whatever they are.
-    {"QUIT and a tab", Mode::greeting, "QUIT\t\r\nNOOP\r\n", greet_521 + bye, EndReason::quit},
-    {"QUIT and trailing blanks", Mode::rcpt, "QUIT \t \r\nNOOP\r\n", greet_rcpt + bye_rcpt, EndReason::quit},
-    {"NOOP and a tab", Mode::rcpt, "NOOP\tx\r\nMAIL\tFROM:\t<a@b>\r\n", greet_rcpt + "250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n",
-     EndReason::eof},
-    // Nothing is answered after QUIT (pipelined data is discarded).
-    {"nothing after QUIT", Mode::greeting, "QUIT\r\nNOOP\r\nNOOP\r\n", greet_521 + bye, EndReason::quit},
-    // RFC 5321 2.3.8: CRLF, and a bare LF accepted too.
-    {"bare LF", Mode::greeting, "NOOP\nQUIT\n", greet_521 + greet_521 + bye, EndReason::quit},
-    {"empty line is a command", Mode::greeting, "\r\n\n", greet_521 + greet_521 + greet_521, EndReason::eof},
-    // An unterminated last line still counts when the client closes.
-    {"unterminated QUIT at EOF", Mode::greeting, "QUIT", greet_521 + bye, EndReason::quit},
-    {"silent client", Mode::greeting, "", greet_521, EndReason::eof},
-    // Not SMTP: HTTP and TLS.
-    {"HTTP GET", Mode::rcpt, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", greet_rcpt, EndReason::http},
-    {"HTTP CONNECT", Mode::greeting, "CONNECT a:25 HTTP/1.1\r\n", greet_521, EndReason::http},
-    {"HTTP POST", Mode::greeting, "POST /x HTTP/1.0\r\n", greet_521, EndReason::http},
-    {"HTTP only on the first line", Mode::greeting, "NOOP\r\nGET / HTTP/1.1\r\n", greet_521 + greet_521 + greet_521,
-     EndReason::eof},
-    {"lower-case get is not HTTP", Mode::greeting, "get / x\r\n", greet_521 + greet_521, EndReason::eof},
-    {"TLS ClientHello", Mode::rcpt, std::string("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 11), greet_rcpt,
-     EndReason::tls},
-    {"0x16 0x03 later is data", Mode::rcpt, std::string("NOOP\r\n\x16\x03\r\n", 10),
-     greet_rcpt + "250 2.0.0 Ok\r\n" + refusal, EndReason::eof},
-    // NUL and 8-bit bytes are just bytes.
-    {"NUL and 8-bit", Mode::rcpt, std::string("HE\0LO \xff\xfe\r\nQUIT\r\n", 15), greet_rcpt + refusal + bye_rcpt,
-     EndReason::quit},
-};
+// \xHH is a byte, \\ a backslash.
+std::string unescape(std::string_view text) {
+    std::string out;
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        if (text[i] == '\\' && i + 1 < text.size() && text[i + 1] == '\\') {
+            out += '\\';
+            ++i;
+        } else if (text[i] == '\\' && i + 3 < text.size() && text[i + 1] == 'x') {
+            out += static_cast<char>(std::stoi(std::string(text.substr(i + 2, 2)), nullptr, 16));
+            i += 3;
+        } else {
+            out += text[i];
+        }
+    }
+    return out;
+}
+
+// A command line as sh splits it: blanks separate, quotes group.
+std::vector<std::string> split_args(std::string_view text) {
+    std::vector<std::string> args;
+    std::string word;
+    bool in_word = false;
+    char quote = 0;
+    for (char c : text) {
+        if (quote != 0 && c == quote) {
+            quote = 0;
+        } else if (quote == 0 && (c == '"' || c == '\'')) {
+            quote = c;
+            in_word = true;
+        } else if (quote == 0 && (c == ' ' || c == '\t')) {
+            if (in_word) args.push_back(word);
+            word.clear();
+            in_word = false;
+        } else {
+            word += c;
+            in_word = true;
+        }
+    }
+    if (in_word) args.push_back(word);
+    return args;
+}
+
+Script read_script(const std::string& path) {
+    Script script;
+    script.name = path.substr(path.rfind('/') + 1);
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    REQUIRE(f != nullptr);
+    std::string text;
+    char buffer[4096];
+    for (std::size_t n; (n = std::fread(buffer, 1, sizeof buffer, f)) > 0;) text.append(buffer, n);
+    std::fclose(f);
+    std::string_view rest(text);
+    while (!rest.empty()) {
+        std::string_view line = rest.substr(0, rest.find('\n'));
+        rest.remove_prefix(std::min(rest.size(), line.size() + 1));
+        if (line.empty() || line.front() == '#') continue;
+        const std::size_t colon = line.find(": ");
+        const std::string_view key = line.substr(0, colon);
+        const std::string_view value = colon == std::string_view::npos ? "" : line.substr(colon + 2);
+        if (key == "args") script.args = split_args(value);
+        else if (key == "C") script.input += unescape(value) + "\r\n";
+        else if (key == "L") script.input += unescape(value) + "\n";
+        else if (key == "P") script.input += unescape(value);
+        else if (key == "S") script.output += unescape(value) + "\r\n";
+        else if (key == "exit") script.exit = std::stoi(std::string(value));
+        else if (key == "log") {
+            for (const std::string& field : split_args(value)) {
+                const std::size_t eq = field.find('=');
+                script.log.emplace_back(field.substr(0, eq), field.substr(eq + 1));
+            }
+        } else FAIL(script.name << ": unknown directive " << std::string(line));
+    }
+    return script;
+}
+
+std::vector<Script> scripts() {
+    const char* dir = std::getenv("SMTP521_SESSIONS");
+    const std::string path = dir != nullptr ? dir : "test/sessions";
+    std::vector<std::string> names;
+    if (DIR* d = opendir(path.c_str())) {
+        while (const dirent* e = readdir(d)) {
+            const std::string name = e->d_name;
+            if (name.size() > 8 && name.substr(name.size() - 8) == ".session") names.push_back(path + "/" + name);
+        }
+        closedir(d);
+    }
+    std::sort(names.begin(), names.end());
+    std::vector<Script> all;
+    for (const std::string& name : names) all.push_back(read_script(name));
+    return all;
+}
 
 }  // namespace
 
-TEST_CASE("scripted sessions through the core") {
-    for (const Case& c : cases) {
+// getopt_long over a command line; optind = 0 starts it afresh.
+Options parse(std::vector<std::string> args) {
+    std::vector<char*> argv;
+    static std::vector<std::string> keep;
+    keep = std::move(args);
+    keep.insert(keep.begin(), "smtp521");
+    for (std::string& a : keep) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    optind = 0;
+    return parse_options(static_cast<int>(keep.size()), argv.data());
+}
+
+TEST_CASE("the scripted sessions through the core, whole and in pieces") {
+    const std::vector<Script> all = scripts();
+    REQUIRE(!all.empty());  // SMTP521_SESSIONS names no directory of sessions
+    for (const Script& script : all) {
+        if (script.exit != 0) continue;  // a usage error: the binary's, not the core's
+        Options options = parse(script.args);
+        Text<256> hostname_buffer;
+        if (options.hostname.empty()) options.hostname = default_hostname(hostname_buffer, mailname_path);
         for (std::size_t chunk : {std::size_t(0), std::size_t(1), std::size_t(3)}) {
-            INFO(c.name << " (chunk " << chunk << ")");
-            Result r = drive(make_options(c.mode), c.input, chunk);
-            CHECK(r.output == c.expected);
-            CHECK(end_reason_name(r.end) == end_reason_name(c.end));
+            INFO(script.name << " (chunk " << chunk << ")");
+            Result r = drive(options, script.input, chunk);
+            CHECK(r.output == script.output);
+            for (const auto& [key, value] : script.log) {
+                if (key == "end") CHECK(std::string(end_reason_name(r.end)) == value);
+                if (key == "commands") CHECK(std::to_string(r.commands) == value);
+            }
         }
     }
 }
@@ -251,11 +335,10 @@ TEST_CASE("the command limit ends the session after the Nth reply") {
 TEST_CASE("replies never overflow the output buffer, whatever the input") {
     // 4000 one-byte commands: feed must stop for the caller to write.
     Options o = make_options(Mode::greeting);
-    o.max_commands = 100000;
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    o.max_commands = max_commands_limit;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     s.greet(out);
     std::string input(4000, '\n');
     std::string_view rest(input);
@@ -284,10 +367,9 @@ Peer make_peer(std::string_view text) {
 
 TEST_CASE("what the log records of the client") {
     Options o = make_options(Mode::rcpt);
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     std::string input = "EHLO client.example\r\nMAIL FROM:<a@b> SIZE=10\r\nRCPT TO:<r1@x>\r\nrcpt to: <r2@x>\r\n"
                         "RCPT TO:<r3@x>\r\nRCPT\tTO:\t<r4@x>\r\n";
     s.feed(input, out);
@@ -306,10 +388,9 @@ TEST_CASE("what the log records of the client") {
 
 TEST_CASE("client text in the log is escaped and bounded") {
     Options o = make_options(Mode::rcpt);
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     std::string input = std::string("HELO evil\rend=quit\x01\xff\\x\r\nMAIL FROM:<") + std::string(300, 'z') + ">\r\n";
     s.feed(input, out);
     LogLine log;
@@ -327,10 +408,9 @@ TEST_CASE("client text in the log is escaped and bounded") {
 TEST_CASE("the log line is bounded by construction: the worst case keeps every field") {
     Options o = make_options(Mode::rcpt);
     o.max_commands = max_commands_limit;
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     const std::string junk(505, '\x01');  // "HELO " + 505 = 510, the longest line
     std::string input = "HELO " + junk + "\r\nMAIL " + junk + "\r\n";
     for (int i = 0; i < 4; ++i) input += "RCPT " + junk + "\r\n";
@@ -351,14 +431,11 @@ TEST_CASE("the log line is bounded by construction: the worst case keeps every f
     std::string line(log.view());
     INFO(line);
     CHECK_FALSE(log.cut);
-    // Every field is there, in order, and the line ends with the last one.
-    std::size_t at = 0;
+    // Every field is there (their order: test_docs), and the line ends
+    // with the last one.
     for (const char* key : {"peer=", " end=write-error", " commands=6", " duration=", " helo=", " mail=", " rcpt=",
-                            " rcpts=4", " sandbox=off"}) {
-        std::size_t found = line.find(key, at);
-        CHECK(found != std::string::npos);
-        at = found;
-    }
+                            " rcpts=4", " sandbox=off"})
+        CHECK(line.find(key) != std::string::npos);
     CHECK(line.size() >= 20);
     CHECK(line.substr(line.size() - 20) == " rcpts=4 sandbox=off");
     // Each client value is cut on an escape's boundary and marked.
@@ -389,10 +466,9 @@ TEST_CASE("a value is cut on an escape's boundary, and only when it must be") {
 
 TEST_CASE("the alarm's line is the session's, with end=alarm") {
     Options o = make_options(Mode::rcpt);
-    Replies replies;
-    REQUIRE(build_replies(o, replies));
-    Session s(replies, o.max_commands);
-    Output out;
+    Core core(o);
+    Session& s = core.s;
+    Output& out = core.out;
     s.feed("HELO a\r\n", out);
     backstop.target = LogTarget::stderr_;
     prepare_backstop(s, 302000, make_peer("local"));
@@ -436,12 +512,13 @@ TEST_CASE("option values are checked") {
     CHECK_FALSE(valid_message("line\r\nbreak"));
     CHECK_FALSE(valid_message(""));
     CHECK_FALSE(valid_message("caf\xc3\xa9"));
-    CHECK(parse_number("300", 1, 86400) == 300);
+    CHECK(parse_number("300", min_timeout, max_timeout) == 300);
     CHECK(parse_number("0", 0, max_stress_at) == 0);  // --stress-at 0: never
-    CHECK(parse_number("86400", 1, 86400) == 86400);
-    for (const char* bad : {"0", "-5", "10s", "99999999999999999999", "", " 5", "86401", "+5"}) {
+    CHECK(parse_number(std::to_string(max_timeout).c_str(), min_timeout, max_timeout) == max_timeout);
+    const std::string past = std::to_string(max_timeout + 1), before = std::to_string(min_timeout - 1);
+    for (const char* bad : {before.c_str(), "-5", "10s", "99999999999999999999", "", " 5", past.c_str(), "+5"}) {
         INFO(bad);
-        CHECK(parse_number(bad, 1, 86400) == -1);
+        CHECK(parse_number(bad, min_timeout, max_timeout) == -1);
     }
 }
 
@@ -461,31 +538,6 @@ TEST_CASE("a reply longer than 512 octets is refused at start") {
     std::string longest(251, 't');
     o.message = longest;
     CHECK_FALSE(build_replies(o, replies));  // 513
-}
-
-// getopt_long over a command line; optind = 0 starts it afresh.
-Options parse(std::vector<std::string> args) {
-    std::vector<char*> argv;
-    static std::vector<std::string> keep;
-    keep = std::move(args);
-    keep.insert(keep.begin(), "smtp521");
-    for (std::string& a : keep) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    optind = 0;
-    return parse_options(static_cast<int>(keep.size()), argv.data());
-}
-
-TEST_CASE("a later option overrides an earlier one; -r and -c set the same mode") {
-    CHECK(parse({}).mode == Mode::rcpt);
-    CHECK(parse({"-r", "rcpt", "-r", "greeting", "-c"}).mode == Mode::close);
-    CHECK(parse({"-c", "-r", "rcpt"}).mode == Mode::rcpt);
-    CHECK(parse({"-c", "-r", "greeting"}).mode == Mode::greeting);
-    CHECK(parse({"--close", "--refuse-at=greeting", "-c"}).mode == Mode::close);
-    Options o = parse({"-t", "5", "-t", "7", "-n", "3", "-n", "4", "-H", "a", "-H", "b", "-l", "none", "-l", "stderr"});
-    CHECK(o.timeout_seconds == 7);
-    CHECK(o.max_commands == 4);
-    CHECK(o.hostname == "b");
-    CHECK(o.log == LogTarget::stderr_);
 }
 
 // RFC 5321 2.3.5, 4.1.3: the default name, without DNS.

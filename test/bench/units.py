@@ -27,7 +27,6 @@ import pwd
 import grp
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # test/
-from harness import cgroup_mounts, free_port, unit_dir  # noqa: E402
+from harness import Systemd, cgroup_mounts, free_port, unit_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -266,57 +265,13 @@ def _exists(fn, i):
         return False
 
 
-class Systemd:
-    """test/with-systemd inside our cgroup, with a private /etc that knows
+def private_systemd(unitdir, binary, cg, etc):
+    """harness.Systemd inside our cgroup, with a private /etc that knows
     STATIC_USER (bound in a mount namespace of its own, which
     with-systemd's namespace inherits)."""
-
-    def __init__(self, unitdir, binary, cg, etc):
-        bind = f'mount --bind "{etc}" /etc; exec "$@"'
-        argv = cg.join_argv() + ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind, "sh",
-                                 os.path.join(ROOT, "test", "with-systemd"), unitdir, binary]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
-        self.pid = None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.pid is None:
-            try:
-                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                    kids = f.read().split()
-                if kids:
-                    with open(f"/proc/{kids[0]}/cmdline", "rb") as f:
-                        if f.read().startswith(b"/lib/systemd/systemd\0"):
-                            self.pid = int(kids[0])
-            except OSError:
-                pass
-            time.sleep(0.05)
-        if not self.pid:
-            self.stop()
-            raise SystemExit("units.py: the private systemd did not start")
-        state = ""
-        while time.monotonic() < deadline:
-            state = self.ctl("is-system-running", check=False).stdout.strip()
-            if state in ("running", "degraded"):
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise SystemExit(f"units.py: the private systemd is {state!r}")
-
-    def ctl(self, *args, check=True, tool="systemctl"):
-        p = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w", tool, "--no-pager"]
-                           + list(args), capture_output=True, text=True, timeout=60)
-        if check and p.returncode:
-            self.stop()
-            raise SystemExit(f"units.py: {tool} {' '.join(args)}: exit {p.returncode}\n{p.stdout}{p.stderr}")
-        return p
-
-    def stop(self):
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)  # SIGTERM would make PID 1 re-execute
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=20)
+    bind = f'mount --bind "{etc}" /etc; exec "$@"'
+    return Systemd(unitdir, binary, timeout=30,
+                   prefix=cg.join_argv() + ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind, "sh"])
 
 
 class Inetd:
@@ -412,7 +367,7 @@ def main():
     failed = {}
     errors = {}
     try:
-        sd = Systemd(unitdir, binary, cg_sd, etc)
+        sd = private_systemd(unitdir, binary, cg_sd, etc)
         sd.ctl("start", "systemd-journald.socket", "systemd-journald.service",
                *[f"smtp521-{name}.socket" for name, _, _ in vs])
         inetd = Inetd(binary, cg_inetd)
