@@ -139,7 +139,7 @@ SERVERS = {s.name: s for s in [
 
 def _host():
     """What the host needs: root, namespaces, overlayfs and debootstrap."""
-    for cap in ("root", "mountns", "unshare", "tool:debootstrap"):
+    for cap in ("root", "mountns", "tool:unshare", "tool:debootstrap"):
         reason = harness.missing(cap)
         if reason:
             return reason
