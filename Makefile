@@ -247,9 +247,11 @@ install: smtp521
 	install -m 644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	install -d $(DESTDIR)$(SYSUSERSDIR)
 	install -m 644 debian/smtp521.sysusers $(DESTDIR)$(SYSUSERSDIR)/smtp521.conf
-	@# The unit's user, now: systemd-sysusers makes it at boot from then on.
-	if [ -z "$(DESTDIR)" ] && command -v systemd-sysusers >/dev/null; then \
-		systemd-sysusers $(SYSUSERSDIR)/smtp521.conf; fi
+	@# The unit's user, now, where systemd-sysusers makes it at every boot
+	@# from then on: not into a DESTDIR, nor a PREFIX whose sysusers.d it
+	@# does not read (a test's temporary tree must not add a user here).
+	case "$(DESTDIR)$(SYSUSERSDIR)" in /etc/sysusers.d|/run/sysusers.d|/usr/local/lib/sysusers.d|/usr/lib/sysusers.d) \
+		if command -v systemd-sysusers >/dev/null; then systemd-sysusers $(SYSUSERSDIR)/smtp521.conf; fi;; esac
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/smtp521 $(DESTDIR)$(MANDIR)/man8/smtp521.8 \

@@ -154,8 +154,12 @@ def baseline_anon(binary):
     replies it does not read, until the deadline cuts it; held in its log
     line's write (a full stderr pipe), when every buffer and the deepest
     stack it had are still mapped.  The flood's other kinds (a trickle, a
-    reset, a drain after QUIT) read into the same fixed buffers."""
-    c = Child(binary, OPTIONS)
+    reset, a drain after QUIT) read into the same fixed buffers.  On TCP,
+    with the environment systemd-socket-activate passes the flood's
+    sessions (this process's): its strings sit at the top of the stack,
+    so a larger one spans more stack pages (measured: 24 KiB of stack
+    with PATH alone, 28 with this shell's environment, all else equal)."""
+    c = Child(binary, OPTIONS, sock_kind="tcp", env=dict(os.environ))
     try:
         # Fill the stderr pipe through the process's own fd 2.
         stderr = os.open(f"/proc/{c.proc.pid}/fd/2", os.O_WRONLY)

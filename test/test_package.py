@@ -386,8 +386,13 @@ class Namespace:
             with open(os.path.join(self.units, name), "w") as f:
                 f.write(unit_copy(package, name, port))
         self.sd = systemd(own, package.path("usr/sbin/smtp521"))
+        # The namespace's /etc is an overlay of the host's (test/with-systemd):
+        # a host that has the package's user (it runs the package) must not
+        # hide whether the postinst makes it; deleted here, it stays there.
         self.sh("mount -t tmpfs tmpfs /var/lib/systemd; "
-                "if [ -e /usr/sbin/policy-rc.d ]; then mount --bind /bin/true /usr/sbin/policy-rc.d; fi")
+                "if [ -e /usr/sbin/policy-rc.d ]; then mount --bind /bin/true /usr/sbin/policy-rc.d; fi; "
+                f"if getent passwd {self.user_name()} >/dev/null; then userdel {self.user_name()}; fi; "
+                f"if getent group {self.user_name()} >/dev/null; then groupdel {self.user_name()}; fi")
         self.sd.ctl("start", "systemd-journald.socket", "systemd-journald.service")
 
     def sh(self, script, env=None):
@@ -401,11 +406,14 @@ class Namespace:
     def delete(self):
         self.sh("rm -f " + " ".join(f"/lib/systemd/system/{n}" for n in UNITS) + f" /{SYSUSERS}")
 
+    def user_name(self):
+        with open(self.package.path(SYSUSERS)) as f:
+            return re.search(r"^u (\S+) ", f.read(), re.M).group(1)
+
     def user(self):
         """The package's system user in the namespace's /etc/passwd (an
         overlay: the host's stays as it was), or None."""
-        name = re.search(r"^u (\S+) ", open(self.package.path(SYSUSERS)).read(), re.M).group(1)
-        p = self.sh(f"getent passwd {name}")
+        p = self.sh(f"getent passwd {self.user_name()}")
         return p.stdout.split(":") if p.returncode == 0 else None
 
     def script(self, name, *args):
