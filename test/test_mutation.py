@@ -24,10 +24,16 @@ CONTROLS = ("the filter lets the session's own calls through",
 
 
 def tracked_tree(dest):
-    """The files git tracks or would track (as in the work tree), not the build products."""
-    names = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           capture_output=True, check=True).stdout
-    for name in names.decode().split("\0"):
+    """The files git tracks or would track (as in the work tree), not the
+    build products; in an unpacked release tarball, which has no git, the
+    files its MANIFEST names (make dist)."""
+    if os.path.isdir(os.path.join(ROOT, ".git")) or not os.path.exists(os.path.join(ROOT, "MANIFEST")):
+        names = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                               capture_output=True, check=True).stdout.decode().split("\0")
+    else:
+        with open(os.path.join(ROOT, "MANIFEST")) as f:
+            names = f.read().splitlines()
+    for name in names:
         if name and os.path.isfile(os.path.join(ROOT, name)):
             os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
             shutil.copy2(os.path.join(ROOT, name), os.path.join(dest, name))
