@@ -63,7 +63,7 @@ smtp521-static-pie: smtp521.cpp debian/changelog
 # Every Debian release architecture, and Debian's cross compiler for it
 # (test/packages).  `make cross` builds smtp521-ARCH for all of them;
 # `make qemu-check ARCH=...` boots ARCH's own Debian kernel in qemu and
-# proves the build and its filter there (test/qemu/run).  i386 is tested
+# proves the build and its filter there (test/arch/run).  i386 is tested
 # this way too: a host kernel may refuse i386 binaries.
 ARCHS = amd64 arm64 armel armhf i386 ppc64el riscv64 s390x
 TRIPLET_amd64   = x86_64-linux-gnu
@@ -79,7 +79,7 @@ cross_cxx = $(TRIPLET_$(1))-g++
 # A cross build runs where ARCH's libc may be missing (the host's i386
 # tests, the qemu guests): static PIE where the cross toolchain has rcrt1.o
 # (amd64, arm64, i386), else a dynamic PIE, whose loader and libc
-# test/qemu/run puts into the guest.  The Debian package is dynamic on
+# test/arch/run puts into the guest.  The Debian package is dynamic on
 # every architecture (make deb-cross).
 cross: $(ARCHS:%=smtp521-%)
 
@@ -89,25 +89,25 @@ $(ARCHS:%=smtp521-%): smtp521-%: smtp521.cpp debian/changelog
 # What the guest runs besides smtp521-ARCH: the confinement's own tests
 # and the init that drives the sessions (static, as the guest has no libc).
 # No Catch2 library of a foreign architecture exists to link (Debian 13's
-# v3 has one, of the host's), so the guest's test/sandbox.cpp is built on
-# test/catch.hpp's small stand-in (SMTP521_MINI_CATCH): exit status 0 if
+# v3 has one, of the host's), so the guest's test/unit/seccomp.cpp is built on
+# test/unit/catch.hpp's small stand-in (SMTP521_MINI_CATCH): exit status 0 if
 # every case passed.
-$(ARCHS:%=test/sandbox-%): test/sandbox-%: test/sandbox.cpp smtp521.cpp test/catch.hpp test/catch_main.cpp
-	$(call cross_cxx,$*) $(WARN) -Wno-psabi -O1 -g -DSMTP521_MINI_CATCH $(VERSIONDEF) $(CPPFLAGS) -static -o $@ test/sandbox.cpp test/catch_main.cpp
+$(ARCHS:%=test/unit/seccomp-%): test/unit/seccomp-%: test/unit/seccomp.cpp smtp521.cpp test/unit/catch.hpp test/unit/catch_main.cpp
+	$(call cross_cxx,$*) $(WARN) -Wno-psabi -O1 -g -DSMTP521_MINI_CATCH $(VERSIONDEF) $(CPPFLAGS) -static -o $@ test/unit/seccomp.cpp test/unit/catch_main.cpp
 
-$(ARCHS:%=test/qemu/init-%): test/qemu/init-%: test/qemu/init.cpp
-	$(call cross_cxx,$*) $(WARN) -O1 $(CPPFLAGS) -static -o $@ test/qemu/init.cpp
+$(ARCHS:%=test/arch/init-%): test/arch/init-%: test/arch/init.cpp
+	$(call cross_cxx,$*) $(WARN) -O1 $(CPPFLAGS) -static -o $@ test/arch/init.cpp
 
 # make check: the guests' files of every architecture whose cross compiler
 # is installed (test_arch.py skips the others, and says why).
 CROSS_HERE = $(foreach a,$(ARCHS),$(if $(shell command -v $(call cross_cxx,$(a))),$(a)))
-qemu: $(foreach a,$(CROSS_HERE),smtp521-$(a) test/sandbox-$(a) test/qemu/init-$(a))
+qemu: $(foreach a,$(CROSS_HERE),smtp521-$(a) test/unit/seccomp-$(a) test/arch/init-$(a))
 
 ARCH ?= $(shell dpkg --print-architecture)
-qemu-check: smtp521-$(ARCH) test/sandbox-$(ARCH) test/qemu/init-$(ARCH)
-	$(PYTHON) test/qemu/run $(ARCH)
+qemu-check: smtp521-$(ARCH) test/unit/seccomp-$(ARCH) test/arch/init-$(ARCH)
+	$(PYTHON) test/arch/run $(ARCH)
 
-# The i386 build on the host: test_sandbox.py traces it where the kernel
+# The i386 build on the host: test_seccomp.py traces it where the kernel
 # runs i386 binaries, and skips as a limit of the host where it does not.
 i386:
 	@if command -v $(call cross_cxx,i386) >/dev/null; then $(MAKE) -s smtp521-i386; \
@@ -118,88 +118,89 @@ smtp521-asan: smtp521.cpp debian/changelog
 	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ smtp521.cpp
 
 # Catch2: v2 (Debian 12) is a header, v3 (Debian 13) also a library;
-# test/catch.hpp is the tests' one point of contact with either.
+# test/unit/catch.hpp is the tests' one point of contact with either.
 CATCH2_LIBS = $(if $(wildcard /usr/include/catch2/catch_session.hpp),-lCatch2)
 
-test/catch_main.o: test/catch_main.cpp
-	$(CXX) -std=c++17 -O1 $(CPPFLAGS) -c -o $@ test/catch_main.cpp
+test/unit/catch_main.o: test/unit/catch_main.cpp
+	$(CXX) -std=c++17 -O1 $(CPPFLAGS) -c -o $@ test/unit/catch_main.cpp
 
-test/catch_main-asan.o: test/catch_main.cpp
-	$(CXX) -std=c++17 -O1 $(SANITIZE) $(CPPFLAGS) -c -o $@ test/catch_main.cpp
+test/unit/catch_main-asan.o: test/unit/catch_main.cpp
+	$(CXX) -std=c++17 -O1 $(SANITIZE) $(CPPFLAGS) -c -o $@ test/unit/catch_main.cpp
 
-test/unit: test/unit.cpp smtp521.cpp debian/changelog test/catch_main.o test/catch.hpp
-	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main.o $(CATCH2_LIBS)
+test/unit/unit: test/unit/unit.cpp smtp521.cpp debian/changelog test/unit/catch_main.o test/unit/catch.hpp
+	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/unit.cpp test/unit/catch_main.o $(CATCH2_LIBS)
 
-test/unit-asan: test/unit.cpp smtp521.cpp debian/changelog test/catch_main-asan.o test/catch.hpp
-	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main-asan.o $(CATCH2_LIBS)
+test/unit/unit-asan: test/unit/unit.cpp smtp521.cpp debian/changelog test/unit/catch_main-asan.o test/unit/catch.hpp
+	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/unit.cpp test/unit/catch_main-asan.o $(CATCH2_LIBS)
 
-# The confinement's own tests (test/sandbox.cpp): each case forks a child
+# The confinement's own tests (test/unit/seccomp.cpp): each case forks a child
 # that installs the seccomp filter.
-test/sandbox: test/sandbox.cpp smtp521.cpp test/catch_main.o test/catch.hpp
-	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main.o $(CATCH2_LIBS)
+test/unit/seccomp: test/unit/seccomp.cpp smtp521.cpp test/unit/catch_main.o test/unit/catch.hpp
+	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/seccomp.cpp test/unit/catch_main.o $(CATCH2_LIBS)
 
-test/sandbox-asan: test/sandbox.cpp smtp521.cpp test/catch_main-asan.o test/catch.hpp
-	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/sandbox.cpp test/catch_main-asan.o $(CATCH2_LIBS)
+test/unit/seccomp-asan: test/unit/seccomp.cpp smtp521.cpp test/unit/catch_main-asan.o test/unit/catch.hpp
+	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/seccomp.cpp test/unit/catch_main-asan.o $(CATCH2_LIBS)
 
 # libFuzzer target of the session core (clang, libclang-rt-dev).
 FUZZ_CXX     ?= clang++
 FUZZ_SECONDS ?= 300
-test/fuzz: test/fuzz.cpp smtp521.cpp debian/changelog
-	$(FUZZ_CXX) -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined $(VERSIONDEF) $(CPPFLAGS) -o $@ test/fuzz.cpp
+test/unit/fuzz: test/unit/fuzz.cpp smtp521.cpp debian/changelog
+	$(FUZZ_CXX) -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/fuzz.cpp
 
-# test/fuzz where clang is; where it is not, the fuzz tests skip (and
+# test/unit/fuzz where clang is; where it is not, the fuzz tests skip (and
 # fail under CI=true, which installs clang).
 fuzz-if-clang:
-	@if command -v $(FUZZ_CXX) >/dev/null; then $(MAKE) -s test/fuzz; \
-	else echo "make: no $(FUZZ_CXX), no test/fuzz: its tests will skip"; fi
+	@if command -v $(FUZZ_CXX) >/dev/null; then $(MAKE) -s test/unit/fuzz; \
+	else echo "make: no $(FUZZ_CXX), no test/unit/fuzz: its tests will skip"; fi
 
 # Fuzz for FUZZ_SECONDS; new inputs go to a temporary directory, never into
 # the committed corpus.
-fuzz: test/fuzz
-	work=$$(mktemp -d) && ./test/fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
-		-artifact_prefix=$$work/ $$work test/fuzz-corpus; status=$$?; \
+fuzz: test/unit/fuzz
+	work=$$(mktemp -d) && ./test/unit/fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		-artifact_prefix=$$work/ $$work test/unit/fuzz-corpus; status=$$?; \
 		echo "new inputs and any crash kept in $$work"; exit $$status
 
 # Line and branch coverage of smtp521.cpp (gcov, which comes with g++):
-# the unit tests, the fuzz corpus (test/fuzz.cpp's inputs replayed
-# without libFuzzer), the scripted sessions and the black-box suite run
+# the unit tests, the fuzz corpus (test/unit/fuzz.cpp's inputs replayed
+# without libFuzzer), the scripted sessions and test_process.py run
 # through builds instrumented with --coverage, whose .gcda files a seccomp
 # filter would keep them from writing: they install none
-# (SMTP521_TEST_NO_FILTER; test/sandbox proves the filter).  test/coverage
-# prints the figures and every line never run, by function.
+# (SMTP521_TEST_NO_FILTER; test/unit/seccomp proves the filter).
+# test/scripts/coverage prints the figures and every line never run, by
+# function.
 COVDIR   = coverage
 COVFLAGS = -O0 -g --coverage -DSMTP521_TEST_NO_FILTER
 $(COVDIR)/smtp521: smtp521.cpp debian/changelog
 	@mkdir -p $(COVDIR)
 	$(CXX) $(WARN) $(COVFLAGS) $(VERSIONDEF) $(CPPFLAGS) -o $@ smtp521.cpp
 
-$(COVDIR)/unit: test/unit.cpp smtp521.cpp debian/changelog test/catch_main.o test/catch.hpp
+$(COVDIR)/unit: test/unit/unit.cpp smtp521.cpp debian/changelog test/unit/catch_main.o test/unit/catch.hpp
 	@mkdir -p $(COVDIR)
-	$(CXX) $(WARN) $(COVFLAGS) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit.cpp test/catch_main.o $(CATCH2_LIBS)
+	$(CXX) $(WARN) $(COVFLAGS) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/unit.cpp test/unit/catch_main.o $(CATCH2_LIBS)
 
-$(COVDIR)/fuzz-replay: test/fuzz.cpp smtp521.cpp debian/changelog
+$(COVDIR)/fuzz-replay: test/unit/fuzz.cpp smtp521.cpp debian/changelog
 	@mkdir -p $(COVDIR)
-	$(CXX) $(WARN) $(COVFLAGS) -DSMTP521_FUZZ_REPLAY $(VERSIONDEF) $(CPPFLAGS) -o $@ test/fuzz.cpp
+	$(CXX) $(WARN) $(COVFLAGS) -DSMTP521_FUZZ_REPLAY $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/fuzz.cpp
 
 coverage: $(COVDIR)/smtp521 $(COVDIR)/unit $(COVDIR)/fuzz-replay
-	$(PYTHON) test/coverage $(COVDIR)
+	$(PYTHON) test/scripts/coverage $(COVDIR)
 
 # Every suite in one pytest run (see README.md, Tests); its closing line
 # `N passed, M failed, K skipped` is the last line.
-check: smtp521 smtp521-asan test/unit test/unit-asan test/sandbox test/sandbox-asan fuzz-if-clang i386 qemu
+check: smtp521 smtp521-asan test/unit/unit test/unit/unit-asan test/unit/seccomp test/unit/seccomp-asan fuzz-if-clang i386 qemu
 	$(PYTHON) -m pytest test
 
-# The quick loop: unit, session and black-box tests of the plain build; no
+# The quick loop: unit, session and process tests of the plain build; no
 # clang, no root.
-test: smtp521 test/unit test/sandbox i386
-	$(PYTHON) -m pytest --build plain test/test_unit.py test/test_sessions.py test/test_blackbox.py
+test: smtp521 test/unit/unit test/unit/seccomp i386
+	$(PYTHON) -m pytest --build plain test/unit/test_unit.py test/binary/test_sessions.py test/binary/test_process.py
 
 # Real senders (Postfix, Exim, OpenSMTPD, swaks, msmtp, smtplib, curl)
 # against every mode.  It installs and replaces MTAs: run it on a test
-# machine.  It writes test/interop-table.md; `make readme` puts that table
+# machine.  It writes test/interop/interop-table.md; `make readme` puts that table
 # into README.md.
 interop: smtp521
-	cd test && $(PYTHON) interop.py
+	$(PYTHON) test/interop/interop.py
 
 # Per-session time and memory as ratios to a static C floor measured in
 # the same run, and to rblsmtpd, and what the link costs: each smtp521
@@ -218,8 +219,8 @@ bench:
 		*) echo "BENCH: unknown $$b (programs, units, stress)"; exit 64;; \
 	esac; done
 
-readme: test/interop-table.md
-	$(PYTHON) test/splice-readme README.md test/interop-table.md
+readme: test/interop/interop-table.md
+	$(PYTHON) test/scripts/splice-readme README.md test/interop/interop-table.md
 
 # The tree's files name the default paths; the installed man page names
 # the ones this install used (a drop-in copied from it must run a program
@@ -294,36 +295,36 @@ deb: dist
 
 # The package cross-built for ARCH (a dpkg architecture), as Debian's
 # cross-build QA does it, and its binary checked: ARCH's machine, PIE,
-# NEEDED libc.so.6 alone (test/deb-cross).  Its Build-Depends for ARCH
+# NEEDED libc.so.6 alone (test/scripts/deb-cross).  Its Build-Depends for ARCH
 # must be installed: `dpkg --add-architecture ARCH`, `apt-get update`,
 # `apt-get build-dep -a ARCH ./`.
 deb-cross:
-	test/deb-cross $(ARCH)
+	test/scripts/deb-cross $(ARCH)
 
 # Two builds of the package compared (build path, TZ, umask, locale
 # varied), arm64 and armhf cross-built, lintian on the package, then
 # piuparts in a chroot of the release this machine runs: install, upgrade
-# from the previous build, remove, purge (test/deb-check).
+# from the previous build, remove, purge (test/scripts/deb-check).
 deb-check:
-	test/deb-check
+	test/scripts/deb-check
 
 # The README's test command and deb-check in a fresh Debian SUITE (a
 # debootstrap chroot), e.g. SUITE=trixie on a Debian 12 machine: CI runs
-# the release it is not on this way (test/check-in).  Needs root.
+# the release it is not on this way (test/scripts/check-in-chroot).  Needs root.
 SUITE ?= trixie
 check-in:
-	test/check-in $(SUITE)
+	test/scripts/check-in-chroot $(SUITE)
 
 # The package's DEP-8 tests (debian/tests/) under autopkgtest, in a podman
 # container of a Debian release with systemd as PID 1: this machine's
 # release, or SUITE's if given (make autopkgtest SUITE=trixie).  Prints
 # autopkgtest's summary; fails unless every test passed
-# (test/autopkgtest).  Needs root.
+# (test/scripts/autopkgtest).  Needs root.
 autopkgtest:
-	test/autopkgtest $(if $(filter file,$(origin SUITE)),,$(SUITE))
+	test/scripts/autopkgtest $(if $(filter file,$(origin SUITE)),,$(SUITE))
 
 clean:
-	rm -f smtp521 smtp521-asan smtp521-dynamic smtp521-static-pie $(ARCHS:%=smtp521-%) test/unit test/unit-asan test/sandbox test/sandbox-asan $(ARCHS:%=test/sandbox-%) $(ARCHS:%=test/qemu/init-%) test/fuzz test/*.o
+	rm -f smtp521 smtp521-asan smtp521-dynamic smtp521-static-pie $(ARCHS:%=smtp521-%) test/unit/unit test/unit/unit-asan test/unit/seccomp test/unit/seccomp-asan $(ARCHS:%=test/unit/seccomp-%) $(ARCHS:%=test/arch/init-%) test/unit/fuzz test/unit/*.o
 	rm -rf test/bench/out $(COVDIR)
 	rm -f smtp521-*.tar.gz smtp521-*.tar.gz.tmp
 

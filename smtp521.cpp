@@ -903,7 +903,7 @@ void prepare_backstop(const Session& s, Millis elapsed, const Peer& peer) {
 // open a file, create or connect a socket, or run a program (RFC 1846 6).
 // A seccomp-BPF allowlist of the system calls that the session and the log
 // line make, found with strace(1) in every mode and on pipes, sockets,
-// stderr and syslog (test/test_sandbox.py keeps it so):
+// stderr and syslog (test/binary/test_seccomp.py keeps it so):
 constexpr int allowed_syscalls[] = {
     SYS_read, SYS_recvfrom,             // client input; the drain before close
     SYS_write,                          // replies on a pipe; the log line to stderr
@@ -934,7 +934,7 @@ constexpr int sendto_unaddressed = SYS_sendto;
 
 // What each architecture adds: its audit number (a call made under any
 // other kills, see below), and the calls its glibc makes beyond the list
-// above, found under its own Debian kernel in qemu (test/qemu/run, which
+// above, found under its own Debian kernel in qemu (test/arch/run, which
 // also proves the filter there; README.md, Architectures).
 // The 32-bit ABIs (and ppc64el, s390x) also keep the older sigreturn, for
 // a handler installed without SA_SIGINFO: another call the kernel makes.
@@ -1106,7 +1106,7 @@ static_assert(filter.size == filter_length, "the filter's length is not its prog
 
 bool confine() {
     if (audit_arch == 0) return false;
-#if defined(SMTP521_TEST_NO_FILTER)  // the tests' mutant (test/test_mutation.py): claims a filter, installs none
+#if defined(SMTP521_TEST_NO_FILTER)  // the tests' mutant (test/binary/test_mutation.py): claims a filter, installs none
     return true;
 #endif
 #if defined(__SANITIZE_ADDRESS__)
@@ -1125,7 +1125,7 @@ bool confine() {
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return false;
     // The kernel's audit log records each refused call (Linux 4.14's
     // SECCOMP_FILTER_FLAG_LOG): a session makes none, so one there is an
-    // attack or a call the list lacks (test/qemu/run looks).  An older
+    // attack or a call the list lacks (test/arch/run looks).  An older
     // kernel refuses the flag: the filter goes on without it.
     return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_LOG, &fprog) == 0 ||
            syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog) == 0;

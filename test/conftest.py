@@ -16,15 +16,13 @@
 """
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+import harness  # test/harness, on pytest.ini's pythonpath
 
-# "coverage": make coverage's instrumented build (test/coverage).
+# "coverage": make coverage's instrumented build (test/scripts/coverage).
 BUILDS = {"plain": "smtp521", "asan": "smtp521-asan", "coverage": "coverage/smtp521"}
 # An installed smtp521 to test instead of the builds (an absolute path).
 INSTALLED = os.environ.get("SMTP521_BINARY")

@@ -1,5 +1,5 @@
 """make bench BENCH=stress: slot exhaustion of the shipped units under a
-private systemd (test/with-systemd), as smtp521(8) "Under stress" and
+private systemd (test/harness/with-systemd), as smtp521(8) "Under stress" and
 test/bench/RESULTS.md report it.  Root.  Every client is on loopback.
 
   memory     one held session's memory (total, kernel, user) with the
@@ -33,9 +33,9 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "harness"))
 from harness import Systemd, free_port, inetd_conf, tcpserver_line, unit_dir, wait_listening  # noqa: E402
-import slots  # noqa: E402
+import slot_attack  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SLICE = f"smtp521-b{os.getpid()}.slice"  # below smtp521.slice: counted for stress
@@ -80,11 +80,11 @@ def memory(extra, held=200):
     sd, port, d = boot(extra, "-s 0")
     try:
         async def go():
-            h = slots.Holders(port, held, held)
+            h = slot_attack.Holders(port, held, held)
             h.start()
-            await slots.wait_until(lambda: h.open >= held, 120)
+            await slot_attack.wait_until(lambda: h.open >= held, 120)
             await asyncio.sleep(1)
-            m, now = slots.session_memory(sd.pid, held), h.open
+            m, now = slot_attack.session_memory(sd.pid, held), h.open
             await h.stop()
             return m, now
         return asyncio.run(go())
@@ -111,11 +111,11 @@ def superserver(name, argv, port, holders, setup=None, held=200, reconnect=False
         wait_listening(port)
 
         async def memory():
-            h = slots.Holders(port, held, held)
+            h = slot_attack.Holders(port, held, held)
             h.start()
-            ok = await slots.wait_until(lambda: h.open >= held, 120)
+            ok = await slot_attack.wait_until(lambda: h.open >= held, 120)
             await asyncio.sleep(1)
-            m = slots.session_memory(sd.pid, held, slice=False) if ok else None
+            m = slot_attack.session_memory(sd.pid, held, slice=False) if ok else None
             await h.stop()
             return m
 
@@ -124,8 +124,8 @@ def superserver(name, argv, port, holders, setup=None, held=200, reconnect=False
             print(f"{name:9} memory {m[0]:6.0f} KiB a held session: kernel {m[1]:.0f}, user {m[2]:.0f} "
                   f"({held} held)", flush=True)
         for again in (False, True) if reconnect else (False,):
-            asyncio.run(slots.drain(sd.pid))
-            r = asyncio.run(slots.hold_then_send(port, holders, holders, 120, reconnect=again))
+            asyncio.run(slot_attack.drain(sd.pid))
+            r = asyncio.run(slot_attack.hold_then_send(port, holders, holders, 120, reconnect=again))
             other = sorted({o[:40] for o in r["outcomes"] if o not in ("521", "no greeting")})
             print(f"{name:9} {'reconnect' if again else 'hold'} {holders} from {holders} sources: sender "
                   f"{r['counts']} of 10 {other or ''}, waits {r['fastest']:.0f} to {r['slowest']:.0f} s; "
@@ -177,14 +177,14 @@ def main():
     sd, port, d = boot()
     try:
         slots_ = int(sd.ctl("show", "-p", "MaxConnections", "--value", "smtp521.socket").stdout)
-        flood = asyncio.run(slots.flood(port, 8, 48))
+        flood = asyncio.run(slot_attack.flood(port, 8, 48))
         print(f"flood   {flood:.0f} whole sessions/s (48 clients, 8 s); MaxConnections={slots_}", flush=True)
         for label, sources, reconnect in (("hold, 16 sources", 16, False),
                                           (f"hold, {slots_ + 32} sources", slots_ + 32, False),
                                           ("reconnect", slots_ + 32, True)):
-            asyncio.run(slots.drain(sd.pid))
+            asyncio.run(slot_attack.drain(sd.pid))
             holders = slots_ if reconnect else slots_ + 32
-            r = asyncio.run(slots.hold_then_send(port, holders, sources, 120, reconnect=reconnect))
+            r = asyncio.run(slot_attack.hold_then_send(port, holders, sources, 120, reconnect=reconnect))
             other = sorted({o[:40] for o in r["outcomes"] if o not in ("521", "no greeting")})
             print(f"{label:24} sender {r['counts']} of 10 {other or ''}, slowest {r['slowest']:.0f} s; "
                   f"most held at once {r['peak']}; attacker "
@@ -197,14 +197,14 @@ def main():
     sd, port, d = boot(opts="-s 0")
     try:
         slots_ = int(sd.ctl("show", "-p", "MaxConnections", "--value", "smtp521.socket").stdout)
-        r = asyncio.run(slots.hold_then_send(port, slots_ + 32, slots_ + 32, 180))
+        r = asyncio.run(slot_attack.hold_then_send(port, slots_ + 32, slots_ + 32, 180))
         print(f"{'hold, -s 0 (no stress)':24} sender {r['counts']} of 10; most held at once {r['peak']}; "
               f"all connected in {r['filled']:.0f} s", flush=True)
     finally:
         quiet(lambda: stop(sd, d))
     sd, port, d = boot(opts="-s 1")
     try:
-        (outcome, took), (cut, _, rest) = asyncio.run(slots.slow_sender_and_probe(port, 1.0))
+        (outcome, took), (cut, _, rest) = asyncio.run(slot_attack.slow_sender_and_probe(port, 1.0))
         print(f"slow    sender with 1 s before each command under stress: {outcome} in {took:.1f} s; "
               f"silent client cut after {cut:.1f} s with {rest[:40]!r}", flush=True)
     finally:

@@ -2,7 +2,7 @@
 """make bench (BENCH=units): what each systemd sandbox option of
 smtp521@.service costs per connection.  A report, not a test.
 
-One private systemd (test/with-systemd) knows one socket and one service
+One private systemd (test/harness/with-systemd) knows one socket and one service
 template per variant.  Sequential sessions (EHLO, MAIL, RCPT, QUIT: the
 driver's tcp mode) go through each variant in turn; rounds interleave the
 variants (the order rotates each round) and the median round is reported,
@@ -34,12 +34,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # test/
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "harness"))
 from harness import Systemd, cgroup_mounts, free_port, unit_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-OUT = os.path.join(ROOT, "test", "bench", "out")
+OUT = os.path.join(HERE, "out")
 SESSIONS = int(os.environ.get("BENCH_UNIT_SESSIONS", "60"))
 ROUNDS = int(os.environ.get("BENCH_UNIT_ROUNDS", "5"))
 ONLY = [v for v in os.environ.get("BENCH_UNITS", "").split(",") if v]

@@ -1,0 +1,249 @@
+"""The documents against the program: the man page documents what the
+compiled binary prints and does (its --help, its exit statuses, its log
+line, its end reasons, its seccomp filter), points to inetd.conf.example, and
+is the one home of the listen-address drop-in; the README stays a short
+pointer.  Facts are taken from the binary or from its compiled tables,
+never from the source text.  Run with
+    /usr/bin/python3 -m pytest -q test/binary/test_docs.py"""
+import os
+import re
+import subprocess
+
+import pytest
+
+from harness import LOG_FIELDS, ROOT, TEST, SESSION_IN, fields
+
+
+def read(*path):
+    with open(os.path.join(ROOT, *path)) as f:
+        return f.read()
+
+
+MAN = read("man", "smtp521.8")
+
+
+def literal_blocks(man):
+    """The text of every .Bd -literal ... .Ed display of the page."""
+    return [m.group(1).splitlines() for m in re.finditer(r"^\.Bd -literal[^\n]*\n(.*?)^\.Ed$", man, re.M | re.S)]
+
+
+def section(man, title):
+    """The source of the .Sh or .Ss called `title`, up to the next one."""
+    m = re.search(rf"^\.S[sh] {re.escape(title)}\n(.*?)(?=^\.S[sh] |\Z)", man, re.M | re.S)
+    assert m, f"no section {title!r}"
+    return m.group(1)
+
+
+def option_items(man):
+    """{"-t": source of its .It item} for the options list of DESCRIPTION."""
+    items = re.findall(r"^\.It Fl (\w)\b[^\n]*?Fl \\-[\w-]+[^\n]*\n(.*?)(?=^\.It |^\.El)", man, re.M | re.S)
+    return {f"-{letter}": body for letter, body in items}
+
+
+# ------------------------------------------------------------ the compiled tables
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """What the compiled program holds: its end reasons' log names and the
+    system calls its filter allows, by name (this machine's numbering)."""
+    cxx = os.environ.get("CXX", "g++")
+    work = tmp_path_factory.mktemp("tables")
+    src = work / "tables.cpp"
+    src.write_text(
+        "#define SMTP521_NO_MAIN\n"
+        f'#include "{os.path.join(ROOT, "smtp521.cpp")}"\n'
+        "int main() {\n"
+        "    for (const auto& r : smtp521::end_reasons)\n"
+        "        std::printf(\"end %.*s\\n\", static_cast<int>(r.name.size()), r.name.data());\n"
+        "    for (int nr : smtp521::allowed_syscalls) std::printf(\"call %d\\n\", nr);\n"
+        "    std::printf(\"call %d\\n\", smtp521::sendto_unaddressed);\n"
+        "    std::printf(\"alarm %d\\nwait %d\\ndrain %lld\\n\", smtp521::backstop_seconds,\n"
+        "                smtp521::backstop_wait_seconds, smtp521::drain_ms);\n"
+        "}\n")
+    subprocess.run([cxx, "-std=c++17", "-DSMTP521_VERSION=\"docs\"", "-o", str(work / "tables"), str(src)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(work / "tables")], check=True, capture_output=True, text=True).stdout
+    # __NR_<name> <number>, as the C library's headers define them here.
+    macros = subprocess.run([cxx, "-E", "-dM", "-x", "c", "-"], input="#include <sys/syscall.h>\n",
+                            check=True, capture_output=True, text=True).stdout
+    names = {int(n): name for name, n in re.findall(r"^#define __NR_(\w+) (\d+)$", macros, re.M)}
+    lines = [line.split(" ", 1) for line in out.splitlines()]
+    return {"end": [v for k, v in lines if k == "end"],
+            "calls": [names[int(v)] for k, v in lines if k == "call"],
+            **{k: int(v) for k, v in lines if k in ("alarm", "wait", "drain")}}
+
+
+def test_man_page_documents_every_end_reason(tables):
+    names = tables["end"]
+    assert "quit" in names and "alarm" in names, names
+    end = re.search(r"^\.It Cm end\n(.*?)(?=^\.It Cm )", section(MAN, "LOGGING"), re.M | re.S).group(1)
+    documented = set(re.findall(r"^\.Cm ([\w-]+)", end, re.M))
+    assert documented == set(names) - {"none"}, documented ^ (set(names) - {"none"})
+
+
+def test_man_page_lists_the_filters_calls(tables):
+    calls = tables["calls"]
+    assert "read" in calls and "write" in calls, calls
+    listed = re.search(r"The filter allows only the calls a session makes: (.*?);", MAN, re.S).group(1)
+    listed = set(re.findall(r"\w+", re.sub(r"\(.*?\)", "", listed, flags=re.S))) - {"and"}
+    assert listed == set(calls), listed ^ set(calls)
+
+
+def test_the_times_past_the_deadline_are_the_programs(tables):
+    # The alarm, its wait for the log, and so the most a process outlives
+    # its deadline, which the unit's RuntimeMaxSec= must allow for.
+    words = {1: "a second", 2: "2 seconds", 3: "3 seconds"}
+    man = " ".join(MAN.split())
+    alarm, wait = tables["alarm"], tables["wait"]
+    assert f"an alarm {words[alarm]} after the deadline" in man, (alarm, man)
+    assert f"waited at most {words[wait]} for the log" in man, (wait, man)
+    assert f"at most {words[alarm + wait]} after its deadline" in man
+    service = " ".join(read("smtp521@.service").replace("#", " ").split())
+    assert f"at most {alarm + wait} s later" in service
+    runtime = int(re.search(r"^RuntimeMaxSec=(\d+)$", read("smtp521@.service"), re.M).group(1))
+    assert f"above {runtime - alarm - wait} needs" in man, runtime
+    # The drain before close.
+    assert tables["drain"] == 500 and "at most half a second" in man, tables["drain"]
+
+
+# ------------------------------------------------------------ the binary's own output
+
+def test_man_page_documents_the_log_fields_in_the_order_the_binary_writes_them(smtp521):
+    p = subprocess.run([smtp521, "-H", "mx.test", "-l", "stderr"], input=SESSION_IN, capture_output=True,
+                       timeout=30)
+    line = p.stderr.decode().strip()
+    written = [f.split("=", 1)[0] for f in line.split(" ")]
+    assert written == LOG_FIELDS, line
+    assert fields(line)["end"] == "quit", line
+    logging = section(MAN, "LOGGING")
+    documented = [f for f in re.findall(r"^\.It Cm ([\w-]+)$", logging, re.M)]
+    assert documented == written, documented
+
+
+def test_man_page_documents_every_exit_status(smtp521):
+    statuses = {subprocess.run([smtp521] + args, input=b"QUIT\r\n", capture_output=True, timeout=30).returncode
+                for args in (["-l", "none"], ["-h"], ["-V"], ["--bogus"], ["-t", "0"], ["extra"])}
+    assert statuses == {0, 64}, statuses
+    documented = set(int(s) for s in re.findall(r"^\.It (\d+)$", section(MAN, "EXIT STATUS"), re.M))
+    assert documented == statuses, documented
+
+
+def test_man_page_gives_every_default_and_range_of_help(smtp521):
+    # Each number and quoted default that --help gives for an option is in
+    # that option's item of the man page.
+    help_text = subprocess.run([smtp521, "--help"], capture_output=True, text=True, check=True).stdout
+    entries = re.findall(r"^  (-\w), --[\w-]+(?: [A-Z]+)?\s+(.*?)(?=^  -|^\S|\Z)", help_text, re.M | re.S)
+    items = option_items(MAN)
+    assert {o for o, _ in entries} == set(items), (entries, items.keys())
+    checked = 0
+    for option, text in entries:
+        text = " ".join(text.split())
+        wanted = re.findall(r"\d+", text) + re.findall(r'"([^"]+)"', text)
+        for value in wanted:
+            assert value in " ".join(items[option].split()), (option, value)
+            checked += 1
+    assert checked >= 6, checked
+
+
+def test_man_page_says_the_last_of_c_and_r_wins(smtp521):
+    # What the binary does ...
+    out = lambda *args: subprocess.run([smtp521, "-H", "mx.test", "-l", "none", *args], input=b"QUIT\r\n",
+                                       capture_output=True, timeout=30).stdout
+    assert out("-r", "rcpt", "-c").startswith(b"521 ") and out("-c", "-r", "rcpt").startswith(b"220 ")
+    # ... is what every document says.
+    assert "the last of them wins" in " ".join(MAN.split())
+    default = read("debian", "smtp521.default")
+    assert "last of them wins" in " ".join(default.split()) and "implies" not in default
+
+
+# ------------------------------------------------------------ files the page quotes
+
+def example():
+    lines = read("inetd.conf.example").splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_man_page_points_to_the_example_for_each_server():
+    # The example is the one home of the inet family's lines, the xinetd
+    # stanza and the tcpsvd line (test_superservers runs them from there):
+    # the page names each server and quotes none of them.
+    text = " ".join(section(MAN, "inetd, xinetd, tcpsvd").split())
+    for server in ("openbsd-inetd", "inetutils-inetd", "rlinetd", "xinetd", "tcpsvd", "busybox"):
+        assert server in text, server
+    assert "inetd.conf.example" in text
+    for line in example():
+        assert line not in MAN, line
+    assert len(example()) == 2, example()
+
+
+def test_man_page_says_which_tcpserver_listens_on_ipv6():
+    # Debian ships both: ucspi-tcp listens on IPv4 only, ucspi-tcp-ipv6 on
+    # both (test_superservers runs the line under each).
+    text = " ".join(section(MAN, "tcpserver").split())
+    assert "IPv4 only from ucspi-tcp, IPv4 and IPv6 from ucspi-tcp-ipv6" in text, text
+    assert "IPv4-only" not in MAN
+
+
+def test_the_listen_address_drop_in_has_one_home():
+    # The man page has it; the README, README.Debian and the postinst
+    # message point to that section, and write no drop-in of their own.
+    block = [b for b in literal_blocks(section(MAN, "Listening on one address")) if "[Socket]" in b]
+    assert len(block) == 1, block
+    assert {"ListenStream=", "ListenStream=192.0.2.1:25", "FreeBind=yes"} <= set(block[0]), block
+    for path in (("README.md",), ("debian", "README.Debian"), ("debian", "postinst")):
+        text = " ".join(read(*path).split())
+        assert '"Listening on one address"' in text, path
+        assert "ListenStream=" not in text and "listen.conf" not in text, path
+
+
+# ------------------------------------------------------------ the page itself
+
+@pytest.mark.needs("man")
+def test_man_page_fits_its_reader():
+    # A sysadmin's page: at most 300 lines at 80 columns; the numbers live
+    # in test/bench/RESULTS.md.
+    env = dict(os.environ, LC_ALL="C.UTF-8", MANROFFSEQ="", MANWIDTH="80", MANPAGER="cat", PAGER="cat")
+    out = subprocess.run(["man", "-l", os.path.join(ROOT, "man", "smtp521.8")],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    assert len(out.splitlines()) <= 300, len(out.splitlines())
+    assert "test/bench/RESULTS.md" in MAN and os.path.exists(os.path.join(TEST, "bench", "RESULTS.md"))
+
+
+@pytest.mark.needs("mandoc")
+def test_man_page_is_lint_clean():
+    p = subprocess.run(["mandoc", "-Tlint", "-Wwarning", os.path.join(ROOT, "man", "smtp521.8")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stdout + p.stderr
+
+
+@pytest.mark.needs("man")
+def test_man_page_renders_without_groff_warnings():
+    # What lintian's groff-message check runs: man-db's groff at 80 columns.
+    # mandoc -Tlint does not see a table cell too wide to break.
+    env = dict(os.environ, LC_ALL="C.UTF-8", MANROFFSEQ="", MANWIDTH="80")
+    p = subprocess.run(["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z",
+                        os.path.join(ROOT, "man", "smtp521.8")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+def test_readme_is_short_and_points_to_the_man_page():
+    readme = read("README.md")
+    assert len(readme.splitlines()) <= 150, len(readme.splitlines())
+    assert "Why the default greets with 220" not in readme
+    assert "man 8 smtp521" in readme or "smtp521(8)" in readme
+    # make readme splices the interop table between these markers.
+    assert readme.count("<!-- interop:begin -->\n") == 1 and readme.count("<!-- interop:end -->") == 1
+
+
+def test_readme_shows_what_the_binary_prints(smtp521):
+    # The README's sample session is the binary's output (the duration aside).
+    readme = read("README.md")
+    block = re.search(r"^```\n\$ printf '(.*?)' \| \./smtp521 (.*?)\n(.*?)^```$", readme, re.M | re.S)
+    assert block, "no sample session in README.md"
+    session = block.group(1).encode().decode("unicode_escape").encode()
+    p = subprocess.run([smtp521] + block.group(2).split(), input=session, capture_output=True, timeout=30)
+    shown = block.group(3).splitlines()
+    printed = p.stdout.decode().split("\r\n")[:-1] + p.stderr.decode().splitlines()
+    duration = re.compile(r"duration=\d+\.\d+")
+    assert [duration.sub("duration=-", line) for line in printed] == [duration.sub("duration=-", line) for line in shown]
