@@ -22,11 +22,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "harness"))
-from harness import TEXT, free_port  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "harness"))
+from harness import ROOT, TEXT, free_port  # noqa: E402
+
 OUT = os.path.join(HERE, "out")
 SESSIONS = int(os.environ.get("BENCH_SESSIONS", "1000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))

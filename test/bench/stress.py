@@ -34,10 +34,9 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "harness"))
-from harness import Systemd, free_port, inetd_conf, tcpserver_line, unit_dir, wait_listening  # noqa: E402
+from harness import ROOT, Systemd, free_port, inetd_conf, tcpserver_line, unit_dir, wait_listening  # noqa: E402
 import slot_attack  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(HERE))
 SLICE = f"smtp521-b{os.getpid()}.slice"  # below smtp521.slice: counted for stress
 
 

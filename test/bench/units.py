@@ -27,18 +27,16 @@ import pwd
 import grp
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "harness"))
-from harness import Systemd, cgroup_mounts, free_port, unit_dir  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "harness"))
+from harness import ROOT, Systemd, cgroup_mounts, free_port, talk, unit_dir  # noqa: E402
+
 OUT = os.path.join(HERE, "out")
 SESSIONS = int(os.environ.get("BENCH_UNIT_SESSIONS", "60"))
 ROUNDS = int(os.environ.get("BENCH_UNIT_ROUNDS", "5"))
@@ -292,17 +290,6 @@ class Inetd:
 
 # ------------------------------------------------------------ measuring
 
-def talk(port, timeout=10):
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(SESSION_IN)
-        out = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return out
-            out += chunk
-
-
 def expected_reply(binary):
     """What the binary answers SESSION_IN on a pipe: every variant must
     answer the same over TCP."""
@@ -378,7 +365,7 @@ def main():
         names = ["inetd"] + [name for name, _, _ in vs]
         for name in list(names):
             try:
-                got = talk(ports[name])
+                got, _ = talk(ports[name], SESSION_IN, timeout=10)
             except OSError as e:
                 got = repr(e).encode()
             if got != want:

@@ -30,8 +30,7 @@ FILTER_TESTS = {"plain": "test/unit/seccomp", "asan": "test/unit/seccomp-asan"}
 
 
 def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
-        metafunc.parametrize("program, case", catch2.params(metafunc.config, FILTER_TESTS))
+    catch2.parametrize(metafunc, FILTER_TESTS)
 
 
 def test_filter_case(program, case):

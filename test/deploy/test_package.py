@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from harness import ROOT, SESSION_IN, SESSION_OUT, TEXT, default_name, free_port, option_range, talk
+from harness import ROOT, SESSION_IN, SESSION_OUT, TEXT, default_name, free_port, option_range, read_to_eof, talk
 
 # Every test here reads the package that `make deb` builds.
 pytestmark = pytest.mark.needs("tool:dpkg-buildpackage", "tool:dh", "tool:fakeroot")
@@ -316,11 +316,7 @@ def start_session(port, host="127.0.0.1"):
 
 def finish_session(c, got):
     c.sendall(b"\r\n".join(SESSION_IN.split(b"\r\n")[1:]))
-    while True:
-        chunk = c.recv(65536)
-        if not chunk:
-            break
-        got += chunk
+    got = read_to_eof(c, got=got)
     c.close()
     return got
 

@@ -27,7 +27,7 @@ import pytest
 
 import harness
 import superservers
-from harness import BYE, GREET, SESSION_IN, SESSION_OUT, crlf, cut_by, fields, listening, wait_for
+from harness import BYE, GREET, SESSION_IN, SESSION_OUT, crlf, cut_by, fields, listening, read_to_eof, wait_for
 
 EXAMPLE = os.path.join(harness.ROOT, "inetd.conf.example")
 PORT = 25  # as shipped: the namespace's own port 25
@@ -364,9 +364,7 @@ def test_silent_clients_are_greeted_and_cut(run, name):
             # connected a second after the first, waits 2 s), all running.
             assert waited < timeout / 2 and len(procs) == SILENT, (waited, everything)
         for started, s, greeted in clients:
-            s.settimeout(cut_by(timeout))
-            while s.recv(4096):
-                pass
+            read_to_eof(s, cut_by(timeout))
             ended = time.monotonic()
             s.close()
             assert ended - started > timeout and ended - greeted < cut_by(timeout), (started, greeted, ended)
@@ -382,12 +380,7 @@ def test_bad_option_never_reaches_the_client(run, name):
             # The client sends nothing: data left unread would make the
             # server's close a reset, which can discard what it wrote.
             s = connect(host, family)
-            got = b""
-            while True:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                got += chunk
+            got = read_to_eof(s)
             s.close()
             assert got == b"", (host, got)
     errors = wait_for(lambda: [line for line in r.log_lines() if "--timeout 'soon'" in line]

@@ -43,6 +43,12 @@ def params(config, programs):
     return out
 
 
+def parametrize(metafunc, programs):
+    """pytest_generate_tests of a suite whose test takes (program, case)."""
+    if "case" in metafunc.fixturenames:
+        metafunc.parametrize("program, case", params(metafunc.config, programs))
+
+
 @functools.lru_cache(maxsize=None)
 def run(path):
     """Run the program once: {test case name: failure text or None}, and its output."""

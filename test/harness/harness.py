@@ -367,17 +367,8 @@ class Child:
         self.client.sendall(data)
 
     def read_until_eof(self, timeout=10):
-        """Everything the server sends until it closes; the time it took."""
-        self.client.settimeout(timeout)
-        data = b""
-        while True:
-            try:
-                chunk = self.client.recv(65536)
-            except socket.timeout:
-                raise AssertionError(f"no EOF within {timeout}s; got {data[:200]!r}")
-            if not chunk:
-                return data
-            data += chunk
+        """Everything the server sends until it closes."""
+        return read_to_eof(self.client, timeout)
 
     def read_lines(self, count, timeout=10):
         self.client.settimeout(timeout)
@@ -461,6 +452,20 @@ def free_port():
     raise AssertionError("no free port below the ephemeral range")
 
 
+def read_to_eof(sock, timeout=30, got=b""):
+    """`got` and everything the peer sends until it closes; fails if the
+    peer has not closed within `timeout` seconds of the last byte."""
+    sock.settimeout(timeout)
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError(f"no EOF within {timeout}s; got {got[:300]!r}")
+        if not chunk:
+            return got
+        got += chunk
+
+
 def talk(port, data, host="127.0.0.1", family=socket.AF_INET, timeout=30):
     """Connect, send, read to EOF; return (reply bytes, our local port)."""
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -468,15 +473,7 @@ def talk(port, data, host="127.0.0.1", family=socket.AF_INET, timeout=30):
         s.connect((host, port))
         local_port = s.getsockname()[1]
         s.sendall(data)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                raise AssertionError(f"no EOF from {host}:{port} within {timeout}s; got {out[:300]!r}")
-            if not chunk:
-                return out, local_port
-            out += chunk
+        return read_to_eof(s, timeout), local_port
 
 
 def listening(port, family=socket.AF_INET):
@@ -887,7 +884,8 @@ def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None
 def systemd_units(port_ours, port_limited):
     """The shipped units with only the port changed, and a copy of the
     socket with a trigger limit (20 activations in 2 s, systemd's default
-    for Accept=no), for comparison (remove the directory when done)."""
+    for Accept=no), for comparison (the `systemd` fixture removes the
+    directory)."""
     def limited(sock):
         assert "\nTriggerLimitIntervalSec=0\n" in sock
         return sock.replace("\nTriggerLimitIntervalSec=0\n", "\nTriggerLimitBurst=20\n")

@@ -8,8 +8,7 @@ PROGRAMS = {"plain": "test/unit/unit", "asan": "test/unit/unit-asan"}
 
 
 def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
-        metafunc.parametrize("program, case", catch2.params(metafunc.config, PROGRAMS))
+    catch2.parametrize(metafunc, PROGRAMS)
 
 
 def test_catch2(program, case):
