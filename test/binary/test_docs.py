@@ -236,6 +236,20 @@ def test_readme_is_short_and_points_to_the_man_page():
     assert readme.count("<!-- interop:begin -->\n") == 1 and readme.count("<!-- interop:end -->") == 1
 
 
+def test_quickstart_prints_the_readmes_two_commands_and_nothing_else():
+    # CI and make check-in run the README's commands through
+    # test/scripts/quickstart: it prints each, and fails past the last.
+    block = re.search(r"^## Quick start\n.*?^```sh\n(.*?)^```$", read("README.md"), re.M | re.S).group(1)
+    lines = block.splitlines()
+    assert len(lines) == 2, lines
+    script = os.path.join(TEST, "scripts", "quickstart")
+    for n, line in enumerate(lines, 1):
+        p = subprocess.run([script, str(n)], capture_output=True, text=True, timeout=30, cwd="/")
+        assert p.returncode == 0 and p.stdout == line + "\n", (n, p)
+    p = subprocess.run([script, "3"], capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and p.stdout == "" and "no line 3" in p.stderr, p
+
+
 def test_readme_shows_what_the_binary_prints(smtp521):
     # The README's sample session is the binary's output (the duration aside).
     readme = read("README.md")
