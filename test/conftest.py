@@ -1,4 +1,4 @@
-"""Fixtures and rules shared by every test/test_*.py.
+"""Fixtures and rules shared by every suite, test/KIND/test_*.py.
 
 - `binary`: the build under test, each test run once per build (plain and
   ASan+UBSan; `--build plain` keeps one); `smtp521`: the plain build.
