@@ -1,4 +1,4 @@
-"""Shared helpers of the pytest suites (test/test_*.py; fixtures in
+"""Shared helpers of the pytest suites (test/KIND/test_*.py; fixtures in
 test/conftest.py): the binary started as a super-server starts it, the
 loopback client, the super-servers, a private /dev/log, a private systemd,
 and the checks for what a test needs (root, namespaces, tools), each done
