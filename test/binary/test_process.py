@@ -542,7 +542,12 @@ def in_fake_cgroup(binary, cgroup, pids, args):
     ("0::/user.slice/session-1.scope\n", 40, False),
     ("0::/smtp521.slice/smtp521.service\n", 40, False),
     ("0::/\n", 40, False),
-], ids=["v2-at-limit", "v2-below", "v1-pids", "scope", "no-instance", "root"])
+    # A slice below smtp521.slice is smtp521's own; only a slice is.
+    ("0::/smtp521.slice/smtp521-t1.slice/smtp521@1.service\n", 40, True),
+    ("0::/smtp521.slice/smtp521-t1.scope/smtp521@1.service\n", 40, False),
+    ("0::/system.slice/foreign@1.service\n", 40, False),
+], ids=["v2-at-limit", "v2-below", "v1-pids", "scope", "no-instance", "root", "own-subslice", "subscope",
+        "foreign-slice"])
 def test_stress_is_read_from_the_slices_pids(binary, cgroup, pids, stressed):
     # -s 32: a session that starts when its slice holds 32 or more is
     # under stress, and -T 1 ends it with a 521 (end=stress); else -t 2
