@@ -13,12 +13,16 @@ SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 # e.g. pyenv's, may lack it).
 PYTHON   ?= /usr/bin/python3
 
-# The version's one home is the first line of debian/changelog,
-# "smtp521 (1.0.0-1) unstable; ...": the upstream version is its version
-# less the Debian revision (and any epoch).  sed, not dpkg-parsechangelog,
-# so that a bare g++ and make build it.
-DEBVERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
-VERSION  := $(shell echo '$(DEBVERSION)' | sed -e 's/^[0-9]*://' -e 's/-[^-]*$$//')
+# The version's one home is VERSION, "1.0.0 2026-12-02": the upstream
+# version and its release date (dist's SOURCE_DATE_EPOCH, below).  Debian's
+# packaging, debian/, is not part of upstream: the release tarball has
+# none, and its debian/changelog names VERSION's version plus a Debian
+# revision (make deb refuses a changelog that disagrees; test_docs.py checks it).
+RELEASE  := $(shell cat VERSION)
+VERSION  := $(word 1,$(RELEASE))
+RELEASE_DATE := $(word 2,$(RELEASE))
+# The package's version (deb's file names): debian/changelog's, where it is.
+DEBVERSION = $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
 VERSIONDEF = -DSMTP521_VERSION='"$(VERSION)"'
 
 # Always on, whatever CXXFLAGS says: the language level, warnings, and the
@@ -49,15 +53,15 @@ SANITIZE = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-re
 
 all: smtp521
 
-smtp521: smtp521.cpp debian/changelog
+smtp521: smtp521.cpp VERSION
 	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(LINKMODE) $(LDHARDEN) $(LDLIBGCC) $(LDFLAGS) -o $@ smtp521.cpp
 
 # The same, each way it can be linked: the benchmark's comparison
 # (a static PIE where rcrt1.o is, else dynamic).
-smtp521-dynamic: smtp521.cpp debian/changelog
+smtp521-dynamic: smtp521.cpp VERSION
 	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) -pie $(LDHARDEN) $(LDLIBGCC) $(LDFLAGS) -o $@ smtp521.cpp
 
-smtp521-static-pie: smtp521.cpp debian/changelog
+smtp521-static-pie: smtp521.cpp VERSION
 	$(CXX) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(call static_pie,$(CXX)) $(LDHARDEN) $(LDLIBGCC) $(LDFLAGS) -o $@ smtp521.cpp
 
 # Every Debian release architecture, and Debian's cross compiler for it
@@ -83,7 +87,7 @@ cross_cxx = $(TRIPLET_$(1))-g++
 # every architecture (make deb-cross).
 cross: $(ARCHS:%=smtp521-%)
 
-$(ARCHS:%=smtp521-%): smtp521-%: smtp521.cpp debian/changelog
+$(ARCHS:%=smtp521-%): smtp521-%: smtp521.cpp VERSION
 	$(call cross_cxx,$*) $(WARN) $(HARDEN) $(VERSIONDEF) $(CPPFLAGS) $(CXXFLAGS) $(call static_pie,$(call cross_cxx,$*)) $(LDHARDEN) $(LDLIBGCC) $(LDFLAGS) -o $@ smtp521.cpp
 
 # What the guest runs besides smtp521-ARCH: the confinement's own tests
@@ -114,7 +118,7 @@ i386:
 	else echo "make: no $(call cross_cxx,i386) (g++-i686-linux-gnu), no i386 build: its tests will skip"; fi
 
 # The same program under AddressSanitizer and UndefinedBehaviorSanitizer.
-smtp521-asan: smtp521.cpp debian/changelog
+smtp521-asan: smtp521.cpp VERSION
 	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ smtp521.cpp
 
 # Catch2: v2 (Debian 12) is a header, v3 (Debian 13) also a library;
@@ -127,10 +131,10 @@ test/unit/catch_main.o: test/unit/catch_main.cpp
 test/unit/catch_main-asan.o: test/unit/catch_main.cpp
 	$(CXX) -std=c++17 -O1 $(SANITIZE) $(CPPFLAGS) -c -o $@ test/unit/catch_main.cpp
 
-test/unit/unit: test/unit/unit.cpp smtp521.cpp debian/changelog test/unit/catch_main.o test/unit/catch.hpp
+test/unit/unit: test/unit/unit.cpp smtp521.cpp VERSION test/unit/catch_main.o test/unit/catch.hpp
 	$(CXX) $(WARN) -O1 -g $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/unit.cpp test/unit/catch_main.o $(CATCH2_LIBS)
 
-test/unit/unit-asan: test/unit/unit.cpp smtp521.cpp debian/changelog test/unit/catch_main-asan.o test/unit/catch.hpp
+test/unit/unit-asan: test/unit/unit.cpp smtp521.cpp VERSION test/unit/catch_main-asan.o test/unit/catch.hpp
 	$(CXX) $(WARN) -O1 -g $(SANITIZE) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/unit.cpp test/unit/catch_main-asan.o $(CATCH2_LIBS)
 
 # The confinement's own tests (test/unit/seccomp.cpp): each case forks a child
@@ -144,7 +148,7 @@ test/unit/seccomp-asan: test/unit/seccomp.cpp smtp521.cpp test/unit/catch_main-a
 # libFuzzer target of the session core (clang, libclang-rt-dev).
 FUZZ_CXX     ?= clang++
 FUZZ_SECONDS ?= 300
-test/unit/fuzz: test/unit/fuzz.cpp smtp521.cpp debian/changelog
+test/unit/fuzz: test/unit/fuzz.cpp smtp521.cpp VERSION
 	$(FUZZ_CXX) -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/fuzz.cpp
 
 # test/unit/fuzz where clang is; where it is not, the fuzz tests skip (and
@@ -170,15 +174,15 @@ fuzz: test/unit/fuzz
 # function.
 COVDIR   = coverage
 COVFLAGS = -O0 -g --coverage -DSMTP521_TEST_NO_FILTER
-$(COVDIR)/smtp521: smtp521.cpp debian/changelog
+$(COVDIR)/smtp521: smtp521.cpp VERSION
 	@mkdir -p $(COVDIR)
 	$(CXX) $(WARN) $(COVFLAGS) $(VERSIONDEF) $(CPPFLAGS) -o $@ smtp521.cpp
 
-$(COVDIR)/unit: test/unit/unit.cpp smtp521.cpp debian/changelog test/unit/catch_main.o test/unit/catch.hpp
+$(COVDIR)/unit: test/unit/unit.cpp smtp521.cpp VERSION test/unit/catch_main.o test/unit/catch.hpp
 	@mkdir -p $(COVDIR)
 	$(CXX) $(WARN) $(COVFLAGS) $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/unit.cpp test/unit/catch_main.o $(CATCH2_LIBS)
 
-$(COVDIR)/fuzz-replay: test/unit/fuzz.cpp smtp521.cpp debian/changelog
+$(COVDIR)/fuzz-replay: test/unit/fuzz.cpp smtp521.cpp VERSION
 	@mkdir -p $(COVDIR)
 	$(CXX) $(WARN) $(COVFLAGS) -DSMTP521_FUZZ_REPLAY $(VERSIONDEF) $(CPPFLAGS) -o $@ test/unit/fuzz.cpp
 
@@ -231,7 +235,8 @@ INSTALLED_PATHS = -e 's|/usr/local/sbin/smtp521|$(SBINDIR)/smtp521|g' \
 
 # Install into $(DESTDIR)$(PREFIX); the service unit's ExecStart follows
 # SBINDIR, and the man page's footer gets the version.  The unit's user
-# (debian/smtp521.sysusers) is made at once when installing into this
+# (smtp521.sysusers, upstream's: a packager's sysusers.d gets it from
+# here, the Debian package by this install) is made at once when installing into this
 # system; uninstall keeps it, as Debian does at purge.
 install: smtp521
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR)
@@ -247,7 +252,7 @@ install: smtp521
 	chmod 644 $(DESTDIR)$(DOCDIR)/inetd.conf.example
 	install -m 644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	install -d $(DESTDIR)$(SYSUSERSDIR)
-	install -m 644 debian/smtp521.sysusers $(DESTDIR)$(SYSUSERSDIR)/smtp521.conf
+	install -m 644 smtp521.sysusers $(DESTDIR)$(SYSUSERSDIR)/smtp521.conf
 	@# The unit's user, now, where systemd-sysusers makes it at every boot
 	@# from then on: not into a DESTDIR, nor a PREFIX whose sysusers.d it
 	@# does not read (a test's temporary tree must not add a user here).
@@ -262,22 +267,26 @@ uninstall:
 		$(DESTDIR)$(SYSUSERSDIR)/smtp521.conf
 	-rmdir $(DESTDIR)$(DOCDIR)
 
-# The release tarball, smtp521-VERSION.tar.gz: the files git tracks (in an
-# unpacked tarball, which has no git: the files its MANIFEST names, written
-# here), under smtp521-VERSION/, with owners, modes, order and times that do
-# not depend on the checkout (the times: the changelog's date), so that
-# the same tree gives the same bytes.
-SOURCE_DATE_EPOCH ?= $(shell date -d "$$(sed -n 's/^ -- .*>  //p' debian/changelog | head -1)" +%s)
+# The release tarball, smtp521-VERSION.tar.gz: the files git tracks but
+# debian/ (in an unpacked tarball, which has no git: the files its MANIFEST
+# names, written here), under smtp521-VERSION/, with owners, modes, order
+# and times that do not depend on the checkout (the times: VERSION's
+# release date, midnight UTC), so that the same tree gives the same bytes.
+# Upstream without Debian's packaging: any distribution builds, installs
+# and tests it as it is (test_deploy.py unpacks it and does).
+SOURCE_DATE_EPOCH ?= $(shell date -u -d '$(RELEASE_DATE)' +%s)
 DIST = smtp521-$(VERSION).tar.gz
 dist:
-	set -e; if [ -e .git ]; then git ls-files | grep -vx MANIFEST > MANIFEST; echo MANIFEST >> MANIFEST; fi; \
+	set -e; if [ -e .git ]; then git ls-files | grep -vx -e MANIFEST -e 'debian/.*' > MANIFEST; echo MANIFEST >> MANIFEST; fi; \
 	LC_ALL=C sort -o MANIFEST MANIFEST; \
 	tar --sort=name --format=gnu --mtime=@$(SOURCE_DATE_EPOCH) --owner=0 --group=0 --numeric-owner \
 		--mode=u+rw,go=rX --transform='s,^,smtp521-$(VERSION)/,' -T MANIFEST -cf - | gzip -n9 > $(DIST).tmp; \
 	mv $(DIST).tmp $(DIST)
 
-# The Debian package (debian/, source format 3.0 (quilt)), built in a
-# temporary directory from the release tarball as its .orig.tar.gz, since
+# The Debian package, source format 3.0 (quilt): the release tarball as its
+# .orig.tar.gz, and this tree's debian/ (the files git tracks there; every
+# file there without git) as its .debian.tar.xz, built in a temporary
+# directory where the tarball is unpacked and debian/ laid over it, since
 # dpkg-buildpackage writes into the parent directory.  The .deb, .changes,
 # .dsc, .orig.tar.gz ... land in DEBOUT.  The build's own make runs without
 # this one's flags (-s would hide the compile line from blhc).  Needs
@@ -287,9 +296,14 @@ dist:
 # dpkg-buildpackage's options (deb-cross: -a ARCH -Pcross,nocheck -B).
 DEBOUT ?= .
 deb: dist
+	@test -f debian/changelog || { echo "make deb: no debian/ here (the release tarball is upstream's alone)"; exit 1; }
+	@case '$(DEBVERSION)' in $(VERSION)-*|*:$(VERSION)-*) ;; \
+	*) echo "make deb: debian/changelog is at $(DEBVERSION), VERSION at $(VERSION)"; exit 1;; esac
 	set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
 	cp $(DIST) "$$work/smtp521_$(VERSION).orig.tar.gz"; \
-	(umask 022 && tar -xzf $(DIST) -C "$$work"); \
+	(umask 022 && tar -xzf $(DIST) -C "$$work" && \
+	{ if [ -e .git ]; then git ls-files debian; else find debian -type f; fi; } \
+		| tar --mode=u+rw,go=rX -T - -cf - | tar -xf - -C "$$work/smtp521-$(VERSION)"); \
 	(cd "$$work/smtp521-$(VERSION)" && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc $(DEBBUILDFLAGS)); \
 	cp "$$work"/smtp521_$(VERSION)* "$$work"/smtp521-dbgsym_$(DEBVERSION)_* $(DEBOUT)/
 

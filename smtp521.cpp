@@ -51,7 +51,7 @@
 
 namespace smtp521 {
 
-constexpr std::string_view version = SMTP521_VERSION;  // make: from debian/changelog
+constexpr std::string_view version = SMTP521_VERSION;  // make: from VERSION
 
 // ---------------------------------------------------------------- options
 

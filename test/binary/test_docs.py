@@ -145,6 +145,7 @@ def test_man_page_gives_every_default_and_range_of_help(smtp521):
     assert checked >= 6, checked
 
 
+@pytest.mark.needs("debian")
 def test_man_page_says_the_last_of_c_and_r_wins(smtp521):
     # What the binary does ...
     out = lambda *args: subprocess.run([smtp521, "-H", "mx.test", "-l", "none", *args], input=b"QUIT\r\n",
@@ -184,6 +185,7 @@ def test_man_page_says_which_tcpserver_listens_on_ipv6():
     assert "IPv4-only" not in MAN
 
 
+@pytest.mark.needs("debian")
 def test_the_listen_address_drop_in_has_one_home():
     # The man page has it; the README, README.Debian and the postinst
     # message point to that section, and write no drop-in of their own.
@@ -194,6 +196,23 @@ def test_the_listen_address_drop_in_has_one_home():
         text = " ".join(read(*path).split())
         assert '"Listening on one address"' in text, path
         assert "ListenStream=" not in text and "listen.conf" not in text, path
+
+
+# ------------------------------------------------------------ the version
+
+@pytest.mark.needs("debian")
+def test_debian_changelog_agrees_with_version(smtp521):
+    # VERSION is the version's home ("1.0.0 2026-12-02": version, release
+    # date); Debian's changelog names it plus a revision, and the program
+    # says it.
+    version, date = read("VERSION").split()
+    assert re.fullmatch(r"\d+(\.\d+)+", version) and re.fullmatch(r"\d{4}-\d\d-\d\d", date), (version, date)
+    first = read("debian", "changelog").splitlines()[0]
+    m = re.match(r"smtp521 \((?:\d+:)?(.+)-([^-]+)\) ", first)
+    assert m, f"debian/changelog: {first!r} is not `smtp521 (UPSTREAM-REVISION) ...`"
+    assert m.group(1) == version, f"debian/changelog is at {m.group(1)}, VERSION at {version}"
+    out = subprocess.run([smtp521, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out == f"smtp521 {version}\n", out
 
 
 # ------------------------------------------------------------ the page itself

@@ -6,6 +6,8 @@ import re
 import resource
 import socket
 import subprocess
+import sys
+import tarfile
 import time
 
 import pytest
@@ -66,9 +68,10 @@ COSTLY = ("DynamicUser", "PrivateUsers", "ProtectSystem", "ProtectHome", "Privat
           "PrivateMounts", "PrivateIPC", "ProtectHostname", "ProtectKernelTunables", "ProtectKernelModules",
           "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProcSubset", "ReadOnlyPaths",
           "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "SystemCallFilter")
-# The system user the package makes (its one home): the unit's User=, worth
-# its cost (make bench BENCH=units) so that no session runs as root.
-with open(os.path.join(ROOT, "debian", "smtp521.sysusers")) as f:
+# The system user make install and the package make (its one home,
+# upstream's smtp521.sysusers): the unit's User=, worth its cost (make
+# bench BENCH=units) so that no session runs as root.
+with open(os.path.join(ROOT, "smtp521.sysusers")) as f:
     SYSTEM_USER = re.search(r"^u (\S+) ", f.read(), re.M).group(1)
 
 
@@ -175,6 +178,43 @@ def test_install_and_uninstall_with_destdir(smtp521, tmp_path):
     make("uninstall", f"DESTDIR={dest}", "PREFIX=/opt/s5")
     left = [os.path.join(d, f) for d, _, fs in os.walk(dest) for f in fs]
     assert left == [], left
+
+
+@pytest.mark.needs("tool:make", "tool:g++", "tool:tar")
+def test_release_tarball_builds_installs_and_tests_alone(tmp_path):
+    # The release tarball is upstream's alone: no debian/, no git.  Unpacked,
+    # `make` builds it, `make install` installs it into a DESTDIR with the
+    # unit's user, and its own scripted sessions (test_sessions.py) pass
+    # against the installed binary, as a distribution's packager would run them.
+    tarball = tmp_path / "release.tar.gz"
+    make("dist", f"DIST={tarball}")
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+    with open(os.path.join(ROOT, "VERSION")) as f:
+        version = f.read().split()[0]
+    top = f"smtp521-{version}"
+    assert {n.split("/")[0] for n in names} == {top}, names[:5]
+    assert [n for n in names if n.startswith(f"{top}/debian")] == []
+    assert {f"{top}/{n}" for n in ("VERSION", "MANIFEST", "Makefile", "smtp521.sysusers",
+                                   "test/binary/test_sessions.py")} <= set(names)
+    subprocess.run(["tar", "-xzf", str(tarball), "-C", str(tmp_path)], check=True)
+    tree, dest = tmp_path / top, tmp_path / "dest"
+    # The outer make's flags (make check runs this) stay out of the inner one.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    for args in (["make", "-s"], ["make", "-s", "install", f"DESTDIR={dest}", "PREFIX=/usr"]):
+        p = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, f"{' '.join(args)} in the unpacked tarball: exit {p.returncode}\n{p.stdout}{p.stderr}"
+    installed = dest / "usr/sbin/smtp521"
+    out = subprocess.run([installed, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out == f"smtp521 {version}\n", out
+    with open(os.path.join(ROOT, "smtp521.sysusers")) as f, open(dest / "usr/lib/sysusers.d/smtp521.conf") as g:
+        assert g.read() == f.read()
+    env.update(SMTP521_BINARY=str(installed), PYTHONDONTWRITEBYTECODE="1")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "test/binary/test_sessions.py"], cwd=tree, env=env,
+                       capture_output=True, text=True, timeout=600)
+    closing = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+    assert p.returncode == 0 and re.fullmatch(r"=* ?\d+ passed in [\d.]+s( \(.*\))? ?=*", closing), \
+        f"the tarball's test_sessions.py against {installed}: exit {p.returncode}\n{p.stdout[-3000:]}{p.stderr[-2000:]}"
 
 
 # ------------------------------------------------------------ super-servers

@@ -6,6 +6,7 @@ Run: /usr/bin/python3 -m pytest -q test/deploy/test_package.py (root for the
 systemd tests; debhelper, dpkg-dev, fakeroot, lintian, blhc, file from
 test/packages).  lintian and piuparts are not run here but by `make deb-check`.
 """
+import datetime
 import glob
 import gzip
 import os
@@ -22,7 +23,7 @@ import pytest
 from harness import ROOT, SESSION_IN, SESSION_OUT, TEXT, default_name, free_port, option_range, read_to_eof, talk
 
 # Every test here reads the package that `make deb` builds.
-pytestmark = pytest.mark.needs("tool:dpkg-buildpackage", "tool:dh", "tool:fakeroot")
+pytestmark = pytest.mark.needs("debian", "tool:dpkg-buildpackage", "tool:dh", "tool:fakeroot")
 
 
 def changelog_version():
@@ -152,6 +153,17 @@ def test_deb_lists_every_file(package):
         assert f.read().split() == ["/etc/default/smtp521"]
 
 
+def test_system_user_is_upstreams_made_once(package):
+    # The user's one home is upstream's smtp521.sysusers, which make
+    # install puts where dh_installsysusers finds it: the postinst makes it
+    # once (a debian/smtp521.sysusers as well would add a second call).
+    with open(os.path.join(ROOT, "smtp521.sysusers")) as f:
+        assert package.read(SYSUSERS) == f.read()
+    with open(os.path.join(package.control, "postinst")) as f:
+        calls = re.findall(r"^\s*systemd-sysusers\b.*$", f.read(), re.M)
+    assert len(calls) == 1 and calls[0].endswith(" smtp521.conf"), calls
+
+
 def test_units_and_examples_name_usr_sbin(package):
     svc = package.read(f"{UNITDIR}/smtp521@.service")
     assert re.search(r"^ExecStart=/usr/sbin/smtp521 --log stderr \$SMTP521_OPTS$", svc, re.M), svc
@@ -187,9 +199,10 @@ def test_version_agrees_everywhere(package):
 
 
 def test_release_tarball_is_the_tracked_files(package):
-    # The .orig.tar.gz is `make dist`'s tarball: every file git tracks and
-    # its MANIFEST (which lets `make dist` work where git is not), under
-    # smtp521-VERSION/, owned by root, dated as the changelog entry.
+    # The .orig.tar.gz is `make dist`'s tarball: every file git tracks but
+    # debian/ (the .debian.tar's), and its MANIFEST (which lets `make dist`
+    # work where git is not), under smtp521-VERSION/, owned by root, dated
+    # as VERSION's release date.
     v = upstream_version(package.version)
     with tarfile.open(os.path.join(package.out, f"smtp521_{v}.orig.tar.gz")) as tar:
         members = tar.getmembers()
@@ -198,12 +211,22 @@ def test_release_tarball_is_the_tracked_files(package):
     assert names == sorted(names) and all(n.startswith(f"smtp521-{v}/") for n in names), names
     assert [n[len(f"smtp521-{v}/"):] for n in names] == manifest
     p = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    assert not [n for n in manifest if n.startswith("debian/")], manifest
     if p.returncode == 0 and p.stdout:
-        assert manifest == sorted(p.stdout.split() + ["MANIFEST"])
+        assert manifest == sorted([n for n in p.stdout.split() if not n.startswith("debian/")] + ["MANIFEST"])
     assert {(m.uid, m.gid) for m in members} == {(0, 0)}
-    date = subprocess.run(["dpkg-parsechangelog", "-l", os.path.join(ROOT, "debian", "changelog"), "-S",
-                           "Timestamp"], capture_output=True, text=True, check=True).stdout.strip()
-    assert {m.mtime for m in members} == {int(date)}
+    with open(os.path.join(ROOT, "VERSION")) as f:
+        version, date = f.read().split()
+    assert version == v
+    midnight = datetime.datetime.fromisoformat(date).replace(tzinfo=datetime.timezone.utc)
+    assert {m.mtime for m in members} == {int(midnight.timestamp())}
+    # Debian's packaging is the .debian.tar's, all of it: what git tracks in debian/.
+    debtar = glob.glob(os.path.join(package.out, f"smtp521_{package.version}.debian.tar.*"))
+    assert len(debtar) == 1, os.listdir(package.out)
+    with tarfile.open(debtar[0]) as tar:
+        files = sorted(m.name for m in tar.getmembers() if m.isfile())
+    if p.returncode == 0 and p.stdout:
+        assert files == sorted(n for n in p.stdout.split() if n.startswith("debian/")), files
 
 
 def test_source_declares_its_dep8_tests(package):

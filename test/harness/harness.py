@@ -282,6 +282,9 @@ CAPABILITIES = {
     "systemd-socket-activate": lambda: _tool_reason("systemd-socket-activate", "systemd"),
     "systemd-analyze": lambda: _tool_reason("systemd-analyze", "systemd"),
     "mandoc": lambda: _tool_reason("mandoc", "mandoc"),
+    # Debian's packaging, which the release tarball (make dist) leaves out.
+    "debian": lambda: None if os.path.isdir(os.path.join(ROOT, "debian")) else
+    "no debian/: the release tarball is upstream's alone (Debian's packaging is its debian.tar)",
 }
 
 
@@ -872,7 +875,7 @@ def unit_dir(port, slice=None, service=lambda text: text, variants=(), into=None
         files[f"smtp521-{suffix}.socket"] = (socket_edit or (lambda t: t))(listen(vport))
         files[f"smtp521-{suffix}@.service"] = (service_edit or (lambda t: t))(svc)
     # The units' User=, made by test/harness/with-systemd in its namespace only.
-    with open(os.path.join(ROOT, "debian", "smtp521.sysusers")) as f:
+    with open(os.path.join(ROOT, "smtp521.sysusers")) as f:
         files["smtp521.sysusers"] = f.read()
     files.update(others or {})
     for name, text in files.items():
