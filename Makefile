@@ -28,7 +28,13 @@ VERSIONDEF = -DSMTP521_VERSION='"$(VERSION)"'
 # Always on, whatever CXXFLAGS says: the language level, warnings, and the
 # hardening Debian applies to network daemons.
 WARN     = -std=c++17 -Wall -Wextra -Wpedantic -Wshadow -Wconversion
-HARDEN   = -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fstack-clash-protection -fPIE
+# _FORTIFY_SOURCE is the distribution's where it chooses a level: in its
+# CPPFLAGS (dpkg-buildflags) or CXXFLAGS (Arch's makepkg, -Wp,-D...), or
+# predefined by its compiler (Ubuntu's since 24.04: 3 at -O1 and above).
+# Defining it again would warn ("_FORTIFY_SOURCE" redefined) or downgrade
+# it; only where none says a level, level 2 here (a bare make).
+FORTIFY := $(if $(findstring _FORTIFY_SOURCE,$(CPPFLAGS) $(CXXFLAGS) $(shell $(CXX) -O2 -dM -E -x c++ /dev/null 2>/dev/null)),,-D_FORTIFY_SOURCE=2)
+HARDEN   = $(FORTIFY) -fstack-protector-strong -fstack-clash-protection -fPIE
 LDHARDEN = -Wl,-z,relro -Wl,-z,now -Wl,-z,noexecstack
 # libgcc's helpers linked in, not libgcc_s.so.1 loaded: g++ asks for the
 # shared one, and 32-bit ARM (unwind personality routines, 64-bit division)

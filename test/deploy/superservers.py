@@ -153,7 +153,8 @@ def netns(pid):
 class Jail:
     """`command` (a shell command line) run in a chroot of root(packages)
     in private namespaces (test/deploy/superserver-root), with `files`
-    ({path: text}) written into it and BINARY as /usr/local/sbin/smtp521;
+    ({path: text}) written into it, the system user of smtp521.sysusers
+    made there, and BINARY as /usr/local/sbin/smtp521;
     /dev/log is `devlog` (a harness.Syslog's socket).  pid is the
     namespace's first process, its network namespace the servers'."""
 
@@ -162,6 +163,9 @@ class Jail:
         self.dir = tempfile.mkdtemp(prefix="smtp521-jail-")
         os.chmod(self.dir, 0o755)
         tree = os.path.join(self.dir, "files")
+        # The configurations' user (superserver-root makes it from this).
+        with open(os.path.join(harness.ROOT, "smtp521.sysusers")) as f:
+            files = {"/usr/lib/sysusers.d/smtp521.conf": f.read(), **files}
         for path, text in files.items():
             full = os.path.join(tree, path.lstrip("/"))
             os.makedirs(os.path.dirname(full), exist_ok=True)

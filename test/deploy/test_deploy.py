@@ -4,6 +4,7 @@ openbsd-inetd, tcpserver), with syslog captured on a private /dev/log."""
 import os
 import re
 import resource
+import shlex
 import socket
 import subprocess
 import sys
@@ -180,6 +181,28 @@ def test_install_and_uninstall_with_destdir(smtp521, tmp_path):
     assert left == [], left
 
 
+@pytest.mark.needs("tool:make", "tool:g++")
+def test_fortify_level_is_the_distributions(tmp_path):
+    # A bare make fortifies at level 2; a distribution's CPPFLAGS or
+    # CXXFLAGS, or a compiler that predefines a level (Ubuntu's g++: 3; here
+    # g++ told so in CXX), keep theirs alone: no second definition, no warning.
+    def command(*args):
+        p = subprocess.run(["make", "-s", "-n", "-B", "smtp521", *args], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.strip()
+
+    levels = lambda *args: re.findall(r"-D_FORTIFY_SOURCE=(\d)", command(*args))  # noqa: E731
+    assert levels() == ["2"]
+    assert levels("CPPFLAGS=-Wdate-time -D_FORTIFY_SOURCE=3") == ["3"]
+    assert levels("CXXFLAGS=-O2 -Wp,-D_FORTIFY_SOURCE=3") == ["3"]
+    line = command("CXX=g++ -D_FORTIFY_SOURCE=3")
+    assert re.findall(r"-D_FORTIFY_SOURCE=(\d)", line) == ["3"], line
+    argv = shlex.split(line)
+    argv[argv.index("-o") + 1] = str(tmp_path / "smtp521")
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "redefined" not in p.stderr and "FORTIFY" not in p.stderr, p.stderr
+
+
 @pytest.mark.needs("tool:make", "tool:g++", "tool:tar")
 def test_release_tarball_builds_installs_and_tests_alone(tmp_path):
     # The release tarball is upstream's alone: no debian/, no git.  Unpacked,
@@ -264,7 +287,7 @@ def inetd_sessions(smtp521, syslog, server, world_copy, tmp_path):
     return run
 
 
-# inetd runs smtp521 as nobody: that takes root.
+# inetd runs smtp521 as _smtp521 (harness.system_user): that takes root.
 @pytest.mark.needs("root", "inetd", "devlog")
 def test_under_openbsd_inetd(inetd_sessions):
     # The lines from inetd.conf.example under a real inetd, IPv4 and IPv6.

@@ -540,6 +540,29 @@ def test_install_upgrade_remove_purge_under_systemd(package, systemd):
 
 
 @pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
+def test_install_where_policy_rc_d_forbids_the_start_blames_no_port(package, systemd):
+    # policy-rc.d (a chroot, a container build) may forbid starting the
+    # socket: it stays enabled and inactive, with the port free, and the
+    # postinst says nothing about a port held by another program.
+    port = free_port()
+    ns = Namespace(package, str(port), systemd)
+    try:
+        policy = os.path.join(ns.dir, "policy")
+        os.mkdir(policy)
+        with open(os.path.join(policy, "policy-rc.d"), "w") as f:
+            f.write("#!/bin/sh\nexit 101\n")
+        os.chmod(os.path.join(policy, "policy-rc.d"), 0o755)
+        p = ns.sh(f"mount -t overlay overlay -o lowerdir={policy}:/usr/sbin /usr/sbin")
+        assert p.returncode == 0, p.stderr
+        ns.unpack()
+        p = ns.script("postinst", "configure")
+        assert ns.state() == ("inactive", "enabled"), ns.state()
+        assert "could not listen" not in p.stderr and "holds the port" not in p.stderr, p.stderr
+    finally:
+        ns.close()
+
+
+@pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
 def test_install_with_the_port_taken_succeeds_and_says_what_to_do(package, systemd):
     # Debian's exim4 holds 127.0.0.1:25; a socket on all addresses of the
     # port cannot start.  The installation succeeds, prints what to do, and

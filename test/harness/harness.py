@@ -498,9 +498,23 @@ def accept_queue(port):
     return 0
 
 
+def system_user():
+    """The system user of smtp521.sysusers, which inetd.conf.example's lines
+    run sessions as: made on this host as `make install` makes it
+    (systemd-sysusers; a test machine keeps it, as after make install)."""
+    path = os.path.join(ROOT, "smtp521.sysusers")
+    with open(path) as f:
+        name = re.search(r"^u (\S+) ", f.read(), re.M).group(1)
+    if subprocess.run(["getent", "passwd", name], capture_output=True).returncode:
+        subprocess.run(["systemd-sysusers", path], check=True, capture_output=True)
+    return name
+
+
 def inetd_conf(path, port, binary, extra_args, suffix=None):
     """The lines of inetd.conf.example, with the port, the path and the
-    arguments rewritten (and the rate suffix, if asked)."""
+    arguments rewritten (and the rate suffix, if asked); their user, the
+    package's, is made here if missing."""
+    system_user()
     lines = []
     with open(os.path.join(ROOT, "inetd.conf.example")) as f:
         for line in f:
