@@ -282,12 +282,14 @@ uninstall:
 # and tests it as it is (test_deploy.py unpacks it and does).
 SOURCE_DATE_EPOCH ?= $(shell date -u -d '$(RELEASE_DATE)' +%s)
 DIST = smtp521-$(VERSION).tar.gz
+# Two at once (CI's package checks beside make check's) each write their
+# own temporary files and rename them into place: same tree, same bytes.
 dist:
-	set -e; if [ -e .git ]; then git ls-files | grep -vx -e MANIFEST -e 'debian/.*' > MANIFEST; echo MANIFEST >> MANIFEST; fi; \
-	LC_ALL=C sort -o MANIFEST MANIFEST; \
+	set -e; if [ -e .git ]; then git ls-files | grep -vx -e MANIFEST -e 'debian/.*' > MANIFEST.$$$$.tmp; \
+	echo MANIFEST >> MANIFEST.$$$$.tmp; LC_ALL=C sort -o MANIFEST.$$$$.tmp MANIFEST.$$$$.tmp; mv MANIFEST.$$$$.tmp MANIFEST; fi; \
 	tar --sort=name --format=gnu --mtime=@$(SOURCE_DATE_EPOCH) --owner=0 --group=0 --numeric-owner \
-		--mode=u+rw,go=rX --transform='s,^,smtp521-$(VERSION)/,' -T MANIFEST -cf - | gzip -n9 > $(DIST).tmp; \
-	mv $(DIST).tmp $(DIST)
+		--mode=u+rw,go=rX --transform='s,^,smtp521-$(VERSION)/,' -T MANIFEST -cf - | gzip -n9 > $(DIST).$$$$.tmp; \
+	mv $(DIST).$$$$.tmp $(DIST)
 
 # The Debian package, source format 3.0 (quilt): the release tarball as its
 # .orig.tar.gz, and this tree's debian/ (the files git tracks there; every
@@ -332,8 +334,10 @@ deb-check:
 # debootstrap chroot), e.g. SUITE=trixie on a Debian 12 machine: CI runs
 # the release it is not on this way (test/scripts/check-in-chroot).  Needs root.
 SUITE ?= trixie
+# CHECK=package: the package-level checks alone (deb-check after the
+# test dependencies install), as CI runs the releases besides its own.
 check-in:
-	test/scripts/check-in-chroot $(SUITE)
+	test/scripts/check-in-chroot $(SUITE) $(CHECK)
 
 # The package's DEP-8 tests (debian/tests/) under autopkgtest, in podman
 # containers of a Debian release: this machine's release, or SUITE's if
@@ -347,6 +351,6 @@ autopkgtest:
 clean:
 	rm -f smtp521 smtp521-asan smtp521-dynamic smtp521-static-pie $(ARCHS:%=smtp521-%) test/unit/unit test/unit/unit-asan test/unit/seccomp test/unit/seccomp-asan $(ARCHS:%=test/unit/seccomp-%) $(ARCHS:%=test/arch/init-%) test/unit/fuzz test/unit/*.o
 	rm -rf test/bench/out $(COVDIR)
-	rm -f smtp521-*.tar.gz smtp521-*.tar.gz.tmp
+	rm -f smtp521-*.tar.gz smtp521-*.tar.gz.*tmp MANIFEST.*.tmp
 
 .PHONY: all autopkgtest check check-in coverage test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop readme bench fuzz dist deb deb-check deb-cross
