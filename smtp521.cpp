@@ -916,14 +916,25 @@ constexpr int allowed_syscalls[] = {
     SYS_clock_gettime, SYS_gettimeofday,  // the deadline, where the vDSO cannot
     SYS_getpid,                         // syslog(3)'s LOG_PID
     SYS_exit_group, SYS_exit,
-    // Calls the kernel makes a live process issue, whatever the program
-    // does.  restart_syscall: a poll() with a timeout that a stop
-    // interrupted (SIGSTOP and SIGCONT, a tracer attaching, the cgroup
-    // freezer) is resumed through it, with the time left (signal(7),
-    // "Interruption of system calls"); refused, the session would end
-    // there without its reply.  rt_sigreturn: the return from a signal
-    // handler, through the restorer the kernel put on the stack.
-    SYS_restart_syscall, SYS_rt_sigreturn,
+    // The call the kernel makes a live process issue, whatever the program
+    // does: a poll() with a timeout that a stop interrupted (SIGSTOP and
+    // SIGCONT, a tracer attaching, the cgroup freezer) is resumed through
+    // it, with the time left (signal(7), "Interruption of system calls");
+    // refused, the session would end there without its reply.
+    SYS_restart_syscall,
+};
+
+// The return from a signal handler, which no handler here makes: SIGPIPE
+// is ignored and on_alarm() ends in _exit().  Called all the same, it can
+// only be injected code forging a signal frame (sigreturn-oriented
+// programming: every register, the stack and the signal mask, SIGALRM
+// blocked, of its choosing): it kills.  The sanitizer's handlers may
+// return (sanitizer_syscalls, below).
+constexpr int sigreturn_syscalls[] = {
+    SYS_rt_sigreturn,
+#ifdef SYS_sigreturn
+    SYS_sigreturn,  // the older one, of the 32-bit ABIs, ppc64el and s390x
+#endif
 };
 
 // sendto is allowed only without a destination (its 5th and 6th arguments
@@ -936,8 +947,6 @@ constexpr int sendto_unaddressed = SYS_sendto;
 // other kills, see below), and the calls its glibc makes beyond the list
 // above, found under its own Debian kernel in qemu (test/arch/run, which
 // also proves the filter there; README.md, Architectures).
-// The 32-bit ABIs (and ppc64el, s390x) also keep the older sigreturn, for
-// a handler installed without SA_SIGINFO: another call the kernel makes.
 #if defined(__x86_64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_X86_64;
 constexpr std::array<int, 0> arch_syscalls{};
@@ -945,7 +954,7 @@ constexpr std::array<int, 0> arch_syscalls{};
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_I386;
 // Without the vDSO, glibc's clock is the 64-bit-time call; its socket
 // calls go through socketcall(2) (below).
-constexpr std::array arch_syscalls{SYS_clock_gettime64, SYS_sigreturn};
+constexpr std::array arch_syscalls{SYS_clock_gettime64};
 #define SMTP521_SOCKETCALL 1
 #elif defined(__aarch64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_AARCH64;
@@ -954,13 +963,13 @@ constexpr std::array<int, 0> arch_syscalls{};
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_ARM;
 // glibc's send() and recv() are calls of their own here; without the
 // vDSO (a timer it cannot read), its clock is the 64-bit-time call.
-constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_clock_gettime64, SYS_sigreturn};
+constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_clock_gettime64};
 #elif defined(__powerpc64__) && defined(__LITTLE_ENDIAN__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_PPC64LE;
-constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_sigreturn};  // as on ARM
+constexpr std::array arch_syscalls{SYS_send, SYS_recv};  // as on ARM
 #elif defined(__s390x__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_S390X;
-constexpr std::array arch_syscalls{SYS_sigreturn};
+constexpr std::array<int, 0> arch_syscalls{};
 #define SMTP521_SOCKETCALL 1  // as on i386
 #elif defined(__riscv) && __riscv_xlen == 64
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_RISCV64;
@@ -981,8 +990,9 @@ constexpr std::uint32_t allowed_socketcalls[] = {SYS_SEND, SYS_RECV, SYS_RECVFRO
 
 // The AddressSanitizer build of make check also needs these to report an
 // error from inside the sandbox: its report buffers (mmap, never
-// executable), its signal stack, its thread id, and the binary's name for
-// the stack trace.  The shipped build allows none of them.
+// executable), its signal stack, its thread id, the binary's name for the
+// stack trace, and the return from its signal handlers (sigreturn_syscalls,
+// above).  The shipped build allows none of them.
 constexpr bool sanitized =
 #if defined(__SANITIZE_ADDRESS__)
     true;
@@ -1054,8 +1064,9 @@ struct Bpf {
 // that reaches for a call this list lacks (another kernel, another glibc)
 // then costs that one call, not the session; a killed session would lose
 // its reply, and the sender would queue the mail for days, the very failure
-// smtp521 exists to end.  A call of another architecture or of the x32 ABI
-// cannot come from this program at all, only from injected code: it kills.
+// smtp521 exists to end.  A call of another architecture or of the x32 ABI,
+// or a sigreturn, cannot come from this program at all, only from injected
+// code: it kills.
 template <std::size_t N>
 constexpr Bpf<N> seccomp_program() {
     constexpr std::uint32_t allow = SECCOMP_RET_ALLOW, kill = SECCOMP_RET_KILL_PROCESS,
@@ -1069,6 +1080,8 @@ constexpr Bpf<N> seccomp_program() {
     f.when(BPF_JGE, 0x40000000u, [&] { f.ret(kill); });
 #endif
     auto allow_call = [&](int nr) { f.when(BPF_JEQ, static_cast<std::uint32_t>(nr), [&] { f.ret(allow); }); };
+    for (int nr : sigreturn_syscalls)
+        f.when(BPF_JEQ, static_cast<std::uint32_t>(nr), [&] { f.ret(sanitized ? allow : kill); });
     for (int nr : allowed_syscalls) allow_call(nr);
     for (int nr : arch_syscalls) allow_call(nr);
     // sendto(fd, buf, len, flags, NULL, 0) only.
