@@ -498,6 +498,8 @@ enum class Wait { ready, timeout, failed };
 // Wait until fd is ready for `events` or the deadline passes.  POLLHUP and
 // POLLERR count as ready: the read or write that follows reports them.
 // POLLNVAL (fd not open) is `failed`, and there is no errno to look at.
+// Past the deadline poll() still says ready when the fd is: a last reply
+// goes out if it can.  Input is another matter (wait_for_input).
 Wait wait_for(int fd, short events, Millis deadline) {
     for (;;) {
         pollfd p{fd, events, 0};
@@ -506,6 +508,15 @@ Wait wait_for(int fd, short events, Millis deadline) {
         if (n == 0) return Wait::timeout;
         if (errno != EINTR) return Wait::failed;
     }
+}
+
+// The deadline is checked before every wait for input, not left to
+// poll(), which past it still says ready when input is waiting: a client
+// that never lets the socket empty (one endless line, to a session that the
+// CPU quota starves) would never be cut.  Output needs no such check: it
+// only answers input.
+Wait wait_for_input(int fd, Millis deadline) {
+    return now_ms() < deadline ? wait_for(fd, POLLIN, deadline) : Wait::timeout;
 }
 
 struct Connection {
@@ -552,7 +563,7 @@ void close_gracefully(const Connection& c) {
     const Millis until = now_ms() + drain_ms;
     char sink[4096];
     std::size_t drained = 0;
-    while (drained < drain_bytes && wait_for(c.in, POLLIN, until) == Wait::ready) {
+    while (drained < drain_bytes && wait_for_input(c.in, until) == Wait::ready) {
         ssize_t n = recv(c.in, sink, sizeof sink, MSG_DONTWAIT);
         if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
         if (n <= 0) return;  // EOF or error: the client is gone
@@ -569,16 +580,7 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
     out.clear();
     char input[4096];
     while (io == EndReason::none && !session.ended()) {
-        Wait w = wait_for(c.in, POLLIN, deadline);
-        if (w == Wait::timeout && stressed) {
-            // A client that waits for the next reply has read every one
-            // before: the 521 cannot be stuck behind unread output.
-            session.cut(out);
-            io = write_all(c, out.view(), now_ms() + drain_ms);
-            out.clear();
-            if (io == EndReason::none) close_gracefully(c);
-            return EndReason::stress;
-        }
+        Wait w = wait_for_input(c.in, deadline);
         if (w == Wait::timeout) {
             io = EndReason::timeout;
             break;
@@ -593,6 +595,9 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
             io = EndReason::read_error;
             break;
         }
+        // Checked after each read too: what a starved session reads past
+        // its deadline is not answered, and the next wait ends it.
+        if (now_ms() >= deadline) continue;
         if (n == 0) session.input_closed(out);
         // Clients pipeline (RFC 2920), advertised or not: every reply of one
         // read goes out in one write, unless it overflows the buffer.
@@ -603,10 +608,18 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
             out.clear();
         } while (io == EndReason::none && !session.ended() && !rest.empty());
     }
+    if (io == EndReason::timeout && stressed) {
+        // The stress deadline passed, in a wait for a command, for a reply
+        // to go out, or while input kept coming: the 521, within drain_ms.
+        // A client that waits for the next reply has read every one before,
+        // so the 521 is not stuck behind unread output.
+        session.cut(out);
+        io = write_all(c, out.view(), now_ms() + drain_ms);
+        if (io == EndReason::none) close_gracefully(c);
+        return EndReason::stress;
+    }
     // Not after a timeout or a failed write: there is no reply to protect.
     if (io == EndReason::none || io == EndReason::read_error) close_gracefully(c);
-    // A write that could not finish by the stress deadline is a cut too.
-    if (io == EndReason::timeout && stressed) return EndReason::stress;
     // An I/O failure is what the log should say, even after QUIT.
     return io != EndReason::none ? io : session.end_reason();
 }

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -123,6 +124,63 @@ def test_trickling_client_cut_at_deadline(binary):
     assert c.wait() == 0
     log = log_of(c)
     assert log["end"] == "timeout" and 1 <= float(log["duration"]) <= cut_by(1), log
+
+
+# Starvation, made real and repeatable: the session runs at SCHED_IDLE
+# pinned to the CPU of a client that sends without pause, so it runs only
+# while the client is blocked on a full socket buffer, reads, and is
+# preempted as soon as the client can send again: there is always input
+# waiting, the state of a session under the slice's CPUQuota= in a flood.
+STARVED_CPU = max(os.sched_getaffinity(0))
+ENDLESS_LINE = b"X" * 65536  # no LF, ever
+# Commands without pause, each answered: 1.5 KiB each, overlong (the 521
+# answers them), so that -n's maximum, 100,000, lies over 150 MB away (at
+# 512 octets it came at 1.3 s, too near -T 1).
+FLOOD_COMMANDS = (b"NOOP " + b"x" * 1500 + b"\r\n") * 64
+
+
+def starved(binary, args):
+    """argv prefix and args for Child: the binary at SCHED_IDLE on STARVED_CPU."""
+    return shutil.which("taskset"), ["-c", str(STARVED_CPU), shutil.which("chrt"), "--idle", "0", binary] + args
+
+
+def flood(child, payload):
+    """Send `payload` over and over from a thread on STARVED_CPU until the
+    session closes; return everything it sent back."""
+    def sender():
+        os.sched_setaffinity(0, {STARVED_CPU})  # this thread only
+        try:
+            while True:
+                child.client.sendall(payload)
+        except OSError:  # EPIPE, ECONNRESET: the session is gone
+            pass
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    got = b""
+    child.client.settimeout(60)
+    while True:
+        try:
+            chunk = child.client.recv(65536)
+        except ConnectionResetError:  # AF_UNIX: closed with our bytes unread, after its own
+            break
+        if not chunk:
+            break
+        got += chunk
+    thread.join(timeout=60)
+    return got
+
+
+@pytest.mark.parametrize("payload", [ENDLESS_LINE, FLOOD_COMMANDS], ids=["endless-line", "commands"])
+def test_a_starved_session_fed_without_pause_is_cut_at_deadline(binary, payload):
+    # RFC 1846 4.2: -t bounds the session whatever the client sends; input
+    # always waiting must not keep it open until the alarm (-t + 2 s) or,
+    # at about 30,000 commands a second, the limit (-n, at about 3 s).
+    c = Child(*starved(binary, ["-H", "mx.test", "-t", "1", "-n", "100000", "-l", "stderr"]))
+    out = flood(c, payload)
+    assert c.wait(timeout=30) == 0
+    log = log_of(c)
+    assert log["end"] == "timeout" and 1 <= float(log["duration"]) <= cut_by(1), log
+    assert out.startswith(GREET), out[:200]
 
 
 def peak_rss_kib(binary, payload, reply):
@@ -504,12 +562,13 @@ def test_hostname_option_wins_over_etc_mailname(binary):
     assert p.stdout == GREET + BYE, p.stdout
 
 
-def in_fake_cgroup(binary, cgroup, pids, args):
+def in_fake_cgroup(binary, cgroup, pids, args, flooded_with=None):
     """Run the binary as PID 1 of a private PID and mount namespace whose
     /proc/self/cgroup reads `cgroup` and whose /sys/fs/cgroup holds
     `pids` as the pids.current of every cgroup `cgroup` names: the
     stress signal as systemd's cgroups give it, without systemd.  The
-    client sends nothing; returns the output and the log line's fields."""
+    client sends nothing, or, starved (see starved()), floods the session
+    with `flooded_with`; returns the output and the log line's fields."""
     d = tempfile.mkdtemp(prefix="smtp521-cgroup-")
     try:
         with open(os.path.join(d, "cgroup"), "w") as f:
@@ -523,10 +582,10 @@ def in_fake_cgroup(binary, cgroup, pids, args):
                 f.write(f"{pids}\n")
         script = 'mount -t proc proc /proc && mount --bind "$1/cgroup" /proc/1/cgroup && ' \
                  'mount --bind "$1/sys" /sys/fs/cgroup && shift && exec "$@"'
-        c = Child(shutil.which("unshare"), ["--mount", "--pid", "--fork", "--propagation", "unchanged", PRIVATE,
-                                            "sh", "-ec", script, "sh", d, binary, "-H", "mx.test", "-l", "stderr"]
-                  + args)
-        out = c.read_until_eof(timeout=30)
+        argv = [shutil.which("unshare"), "--mount", "--pid", "--fork", "--propagation", "unchanged", PRIVATE,
+                "sh", "-ec", script, "sh", d, binary, "-H", "mx.test", "-l", "stderr"] + args
+        c = Child(*(starved(argv[0], argv[1:]) if flooded_with else (argv[0], argv[1:])))
+        out = flood(c, flooded_with) if flooded_with else c.read_until_eof(timeout=30)
         assert c.wait(timeout=30) == 0, c.stderr
         return out, log_of(c)
     finally:
@@ -558,3 +617,16 @@ def test_stress_is_read_from_the_slices_pids(binary, cgroup, pids, stressed):
         assert 1 <= float(log["duration"]) <= cut_by(1), log
     else:
         assert out == GREET and log["end"] == "timeout", (out, log)
+
+
+@pytest.mark.needs("root", "mountns")
+@pytest.mark.parametrize("payload", [ENDLESS_LINE, FLOOD_COMMANDS], ids=["endless-line", "commands"])
+def test_a_starved_session_fed_without_pause_is_cut_at_stress_deadline(binary, payload):
+    # Under stress, -T bounds the session whatever the client sends, and it
+    # ends as an idle one does: with the 521.  Not at -t's alarm (10 s).
+    out, log = in_fake_cgroup(binary, "0::/smtp521.slice/smtp521@1.service\n", 100,
+                              ["-s", "32", "-T", "1", "-t", "8", "-n", "100000"], flooded_with=payload)
+    assert log["end"] == "stress" and 1 <= float(log["duration"]) <= cut_by(1), log
+    # Every command answered, then the cut's 521: one line more.
+    assert out.startswith(GREET) and out.endswith(REFUSAL), (out[:100], out[-100:])
+    assert out.count(b"\r\n") == 1 + int(log["commands"]) + 1, (out.count(b"\r\n"), log)
