@@ -1369,7 +1369,7 @@ constexpr bool is_own_session(std::string_view path) {
 }
 
 // The whole of a small file, or an empty view.
-std::string_view read_small_file(const char* path, Text<1024>& buffer) {
+std::string_view read_small_file(const char* path, Text<64>& buffer) {
     buffer.clear();
     const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) return {};
@@ -1383,24 +1383,52 @@ std::string_view read_small_file(const char* path, Text<1024>& buffer) {
     return buffer.view();
 }
 
-int stress_sessions() {
-    Text<1024> cgroups, number;
-    const std::string_view text = read_small_file("/proc/self/cgroup", cgroups);
-    for (const auto& root : cgroup_roots) {
-        // The line "ID:CONTROLLERS:PATH" whose middle names this hierarchy.
-        std::string_view rest = text, path;
-        while (!rest.empty() && path.empty()) {
-            const std::string_view line = head(rest, rest.find('\n'));
-            rest = tail(rest, line.size() + 1);
-            const std::size_t at = root[0] == "0::" ? (head(line, 3) == "0::" ? 0 : std::string_view::npos)
-                                                    : line.find(root[0]);
-            if (at != std::string_view::npos) path = tail(line, at + root[0].size());
+// A cgroup's path (the kernel's limit on a path) with its "ID:CONTROLLERS:".
+using CgroupLine = Text<PATH_MAX + 64>;
+
+// Every line of a file, whatever its length, one at a time: /proc/self/cgroup
+// has a line per hierarchy, 13 on a hybrid host, and with an IPv6 peer in the
+// instance's name it passes 1,800 octets.  A line longer than `line` is skipped.
+template <class Each>
+void for_each_line(const char* path, CgroupLine& line, Each each) {
+    const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) return;
+    line.clear();
+    char chunk[512];
+    for (;;) {
+        ssize_t n = read(fd, chunk, sizeof chunk);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        std::string_view rest(chunk, static_cast<std::size_t>(n));
+        for (std::size_t lf; (lf = rest.find('\n')) != std::string_view::npos; rest = tail(rest, lf + 1)) {
+            line.append(head(rest, lf));
+            if (!line.cut) each(line.view());
+            line.clear();
         }
+        line.append(rest);
+    }
+    close(fd);
+    if (line.length > 0 && !line.cut) each(line.view());
+}
+
+int stress_sessions() {
+    // The line "ID:CONTROLLERS:PATH" whose middle names each hierarchy: its PATH.
+    CgroupLine line, paths[std::size(cgroup_roots)];
+    for_each_line("/proc/self/cgroup", line, [&](std::string_view l) {
+        for (std::size_t i = 0; i < std::size(cgroup_roots); ++i) {
+            const std::string_view id = cgroup_roots[i][0];
+            const std::size_t at = id == "0::" ? (head(l, 3) == "0::" ? 0 : std::string_view::npos) : l.find(id);
+            if (at != std::string_view::npos && paths[i].length == 0) paths[i].append(tail(l, at + id.size()));
+        }
+    });
+    Text<64> number;
+    for (std::size_t i = 0; i < std::size(cgroup_roots); ++i) {
+        const std::string_view root = cgroup_roots[i][1], path = paths[i].view();
         if (!is_own_session(path)) continue;
         const std::string_view parent = head(path, path.rfind('/'));
-        char file[1200];
-        const int n = std::snprintf(file, sizeof file, "%.*s%.*s/pids.current", static_cast<int>(root[1].size()),
-                                    root[1].data(), static_cast<int>(parent.size()), parent.data());
+        char file[sizeof(CgroupLine::bytes) + 64];
+        const int n = std::snprintf(file, sizeof file, "%.*s%.*s/pids.current", static_cast<int>(root.size()),
+                                    root.data(), static_cast<int>(parent.size()), parent.data());
         if (n < 0 || static_cast<std::size_t>(n) >= sizeof file) continue;
         std::string_view value = read_small_file(file, number);
         while (!value.empty() && value.back() == '\n') value.remove_suffix(1);

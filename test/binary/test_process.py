@@ -592,6 +592,15 @@ def in_fake_cgroup(binary, cgroup, pids, args, flooded_with=None):
         shutil.rmtree(d, ignore_errors=True)
 
 
+# A hybrid host (cgroup v1 controllers beside the unified hierarchy), a
+# session of an IPv6 peer: 13 lines, the pids line last, past the first
+# 1,800 octets.
+IPV6_SESSION = "/smtp521.slice/smtp521@17-2001:db8:1234:5678:9abc:def0:1234:5678:25-2001:db8:8765:4321:fedc:ba98:7654:3210:61234.service"
+HYBRID = "0::/\n" + "".join(f"{n}:{c}:{IPV6_SESSION}\n" for n, c in enumerate(
+    ["name=systemd", "cpu,cpuacct", "blkio", "memory", "devices", "freezer", "net_cls,net_prio", "perf_event",
+     "hugetlb", "cpuset", "rdma"], start=2)) + f"1:pids:{IPV6_SESSION}\n"
+
+
 @pytest.mark.needs("root", "mountns")
 @pytest.mark.parametrize("cgroup, pids, stressed", [
     ("0::/smtp521.slice/smtp521@1-127.0.0.1:25-127.0.0.1:4000.service\n", 32, True),
@@ -605,8 +614,9 @@ def in_fake_cgroup(binary, cgroup, pids, args, flooded_with=None):
     ("0::/smtp521.slice/smtp521-t1.slice/smtp521@1.service\n", 40, True),
     ("0::/smtp521.slice/smtp521-t1.scope/smtp521@1.service\n", 40, False),
     ("0::/system.slice/foreign@1.service\n", 40, False),
+    (HYBRID, 40, True),
 ], ids=["v2-at-limit", "v2-below", "v1-pids", "scope", "no-instance", "root", "own-subslice", "subscope",
-        "foreign-slice"])
+        "foreign-slice", "hybrid-ipv6"])
 def test_stress_is_read_from_the_slices_pids(binary, cgroup, pids, stressed):
     # -s 32: a session that starts when its slice holds 32 or more is
     # under stress, and -T 1 ends it with a 521 (end=stress); else -t 2

@@ -568,6 +568,26 @@ TEST_CASE("the default host name: /etc/mailname's first line, else the kernel's"
     rmdir(dir);
 }
 
+TEST_CASE("for_each_line gives every line of a file, whatever its length, and skips one past the buffer") {
+    char dir[] = "/tmp/smtp521-unit-XXXXXX";
+    REQUIRE(mkdtemp(dir) != nullptr);
+    const std::string path = std::string(dir) + "/cgroup";
+    // Lines across read()'s chunks, one longer than any cgroup path, and a
+    // last line without LF.
+    const std::string long_line(CgroupLine::capacity + 1, 'x'), wide(1000, 'w');
+    const std::string text = "0::/\n" + wide + "\n" + long_line + "\n" + wide + "2\n1:pids:/last";
+    FILE* f = std::fopen(path.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fputs(text.c_str(), f);
+    std::fclose(f);
+    std::vector<std::string> lines;
+    CgroupLine line;
+    for_each_line(path.c_str(), line, [&](std::string_view l) { lines.emplace_back(l); });
+    CHECK(lines == std::vector<std::string>{"0::/", wide, wide + "2", "1:pids:/last"});
+    std::remove(path.c_str());
+    rmdir(dir);
+}
+
 // A closed stdin is POLLNVAL: the session ends at once with read-error,
 // whatever errno a former call left.  Run in a child, so that a session
 // that spins instead is killed, and counted as a failure.
