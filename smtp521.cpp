@@ -633,7 +633,8 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
 // splits back into exactly the values sent, and a client can forge neither
 // a line nor a field nor a cut: printable ASCII as is, but as \xHH a
 // backslash, a comma (it separates the rcpt= paths), a '.' right after a
-// '.' (no value holds "..." but the cut mark), and everything else (space,
+// '.' (no value holds "..." but the cut mark), a value that is just '-'
+// (which means absent, and nothing else), and everything else (space,
 // controls, CR, LF, 8-bit).  A value is cut at its maximum of log text, on
 // an escape's boundary, and the cut is marked "..." at its end.
 constexpr std::string_view cut_mark = "...";
@@ -647,7 +648,8 @@ void add_escaped(Text<N>& log, std::string_view s, std::size_t max, bool already
     bool cut = already_cut;
     unsigned char previous = 0;
     for (unsigned char c : s) {
-        const bool plain = c > 0x20 && c < 0x7f && c != '\\' && c != ',' && !(c == '.' && previous == '.');
+        const bool plain = c > 0x20 && c < 0x7f && c != '\\' && c != ',' && !(c == '.' && previous == '.') &&
+                           !(c == '-' && s.size() == 1);
         previous = c;
         if (written + (plain ? 1 : 4) > max) {
             cut = true;
@@ -1168,13 +1170,22 @@ bool confine() {
     int n = std::vsnprintf(message, sizeof message, format, args);
     va_end(args);
     const std::size_t length = std::min(n > 0 ? static_cast<std::size_t>(n) : 0, sizeof message - 1);
+    // What was typed is escaped as the log escapes client text, control
+    // characters, backslash and 8-bit octets as \xHH: one line, whatever
+    // the argument holds (a "\n<0>" would start a journal record of its own).
+    constexpr std::string_view prefix = "smtp521: ", suffix = " (see smtp521 --help)\n";
+    Text<prefix.size() + 4 * sizeof message + suffix.size()> line;  // every octet escaped
+    line.append(prefix);
+    for (const char c : std::string_view(message, length)) {
+        const auto u = static_cast<unsigned char>(c);
+        const char escaped[4] = {'\\', 'x', "0123456789abcdef"[u >> 4], "0123456789abcdef"[u & 15]};
+        line.append(u >= 0x20 && u < 0x7f && c != '\\' ? std::string_view(&c, 1) : std::string_view(escaped, 4));
+    }
+    const std::string_view text = tail(line.view(), prefix.size());
     open_syslog();
-    syslog(LOG_ERR, "%.*s", static_cast<int>(length), message);
+    syslog(LOG_ERR, "%.*s", static_cast<int>(text.size()), text.data());
     if (!stderr_is_connection()) {
-        Text<sizeof message + 64> line;
-        line.append("smtp521: ");
-        line.append({message, length});
-        line.append(" (see smtp521 --help)\n");
+        line.append(suffix);
         write_stderr(line.view());
     }
     std::exit(exit_usage);
@@ -1277,7 +1288,8 @@ Options parse_options(int argc, char** argv) {
             char text[64];
             int n = std::snprintf(text, sizeof text, "smtp521 %.*s\n", static_cast<int>(version.size()),
                                   version.data());
-            (void)!write(1, text, static_cast<std::size_t>(n));
+            // What was formatted, never past it: a longer version is cut.
+            (void)!write(1, text, std::min(n > 0 ? static_cast<std::size_t>(n) : 0, sizeof text - 1));
             std::exit(exit_ok);
         }
         case 'h':

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, Child, crlf,
+from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, ROOT, Child, crlf,
                      current_syscall, cut_by, default_name, fields, fill, help_text, option_range)
 
 ENV = {"PATH": "/usr/bin:/bin"}
@@ -321,11 +321,23 @@ def run_pipe(binary, args, stdin=b"", env=None):
     ({"TCPREMOTEIP": "198.51.100.3", "TCPREMOTEPORT": "1025"}, "198.51.100.3:1025"),
     ({"REMOTE_ADDR": "evil addr\n"}, "evil\\x20addr\\x0a"),
     ({}, "local"),
-], ids=["inetd-ipv4", "inetd-ipv6", "tcpserver", "escaped", "none"])
+    ({"REMOTE_ADDR": "-", "REMOTE_PORT": "-"}, "\\x2d:\\x2d"),
+], ids=["inetd-ipv4", "inetd-ipv6", "tcpserver", "escaped", "none", "dash"])
 def test_peer_address_from_environment(binary, env, peer):
     p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], crlf("QUIT"), dict(ENV, **env))
     assert p.returncode == 0, p
     assert fields(p.stderr.decode().rstrip("\n"))["peer"] == peer, (env, p.stderr)
+
+
+def test_a_dash_the_client_sent_is_told_from_a_value_absent(binary):
+    # HELO -, MAIL FROM:-, RCPT TO:- against NOOP, NOOP, RCPT TO: (before:
+    # both logged helo=- mail=- rcpt=- rcpts=1).
+    sent = log_fields(run_pipe(binary, ["-H", "mx.test", "-l", "stderr"],
+                               crlf("HELO -", "MAIL FROM:-", "RCPT TO:-", "QUIT")).stderr)[0]
+    absent = log_fields(run_pipe(binary, ["-H", "mx.test", "-l", "stderr"],
+                                 crlf("NOOP", "NOOP", "RCPT TO:", "QUIT")).stderr)[0]
+    assert [sent[k] for k in ("helo", "mail", "rcpt", "rcpts")] == ["\\x2d"] * 3 + ["1"], sent
+    assert [absent[k] for k in ("helo", "mail", "rcpt", "rcpts")] == ["-"] * 3 + ["1"], absent
 
 
 def test_log_line_is_one_printable_line(binary):
@@ -358,7 +370,7 @@ BAD_OPTIONS = [
     ["-H", "a" * 256], ["-m", "line\r\nbreak"], ["-m", ""], ["-m", "bell\a"], ["-l", "file"], ["-r", "mail"],
     ["-s", "x"], ["-s", str(STRESS_AT[1] + 1)], ["-T", str(STRESS_TIMEOUT[0] - 1)], ["-T", "y"],
     ["-x"], ["--bogus"], ["-t"], ["extra-argument"],
-    ["-H", "n" * 255, "-m", "t" * 250],
+    ["-H", "n" * 255, "-m", "t" * 250], ["-r", "x\n<0>forged"], ["-l", "a\rb\nc"],
 ]
 
 
@@ -377,7 +389,11 @@ NAMED = [(["--close=yes"], "option '--close=yes' takes no value"),
          (["--bogus"], "unknown or ambiguous option '--bogus'"),
          (["--stress"], "unknown or ambiguous option '--stress'"),  # --stress-at or --stress-timeout
          (["-cx"], "unknown option '-x'"), (["--timeout"], "option '--timeout' needs a value"),
-         (["-t"], "option '-t' needs a value")]
+         (["-t"], "option '-t' needs a value"),
+         # Escaped as the log escapes: one line, whatever was typed.
+         (["-r", "x\n<0>forged\\"], "invalid --refuse-at 'x\\x0a<0>forged\\x5c': expected rcpt or greeting"),
+         (["-t", "\x1b[2J\u00ff"],  # UTF-8: c3 bf
+          f"invalid --timeout '\\x1b[2J\\xc3\\xbf': expected whole seconds from {TIMEOUT[0]} to {TIMEOUT[1]}")]
 
 
 @pytest.mark.parametrize("args,message", NAMED, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
@@ -414,6 +430,18 @@ def test_help_and_version(binary):
         assert opt in text, opt
     p = run_pipe(binary, ["-V"])
     assert p.returncode == 0 and p.stdout.startswith(b"smtp521 ") and p.stdout.count(b"\n") == 1
+
+
+def test_version_writes_what_it_formatted(tmp_path):
+    # -V formats into 64 octets: a longer version is cut there, and no
+    # octet past what was formatted goes out (before: 79 for a 70-character
+    # version, 15 of them from the stack).
+    version = "7" * 70
+    binary = str(tmp_path / "smtp521")
+    subprocess.run(["g++", "-std=c++17", "-O1", f'-DSMTP521_VERSION="{version}"', "-o", binary,
+                    os.path.join(ROOT, "smtp521.cpp")], check=True, capture_output=True, timeout=300)
+    p = run_pipe(binary, ["-V"])
+    assert p.returncode == 0 and p.stdout == (b"smtp521 " + version.encode())[:63], p.stdout
 
 
 def test_default_hostname_is_the_mailname_or_the_kernels(binary):

@@ -402,6 +402,19 @@ TEST_CASE("client text in the log is escaped and bounded") {
     CHECK(line.find(" end=eof ") != std::string::npos);
 }
 
+TEST_CASE("a value that is just '-' is escaped: '-' means absent, and nothing else") {
+    Options o = make_options(Mode::rcpt);
+    Core a(o), b(o);
+    a.s.feed("HELO -\r\nMAIL FROM:-\r\nRCPT TO:-\r\nRCPT TO:--\r\n", a.out);
+    b.s.feed("NOOP\r\nNOOP\r\nRCPT TO:\r\nRCPT TO:x-\r\n", b.out);
+    LogLine la, lb;
+    format_log(la, a.s, EndReason::eof, 0, make_peer("local"), true);
+    format_log(lb, b.s, EndReason::eof, 0, make_peer("local"), true);
+    CHECK(la.view() ==
+          "peer=local end=eof commands=4 duration=0.000 helo=\\x2d mail=\\x2d rcpt=\\x2d,-- rcpts=2 sandbox=on");
+    CHECK(lb.view() == "peer=local end=eof commands=4 duration=0.000 helo=- mail=- rcpt=-,x- rcpts=2 sandbox=on");
+}
+
 // The worst case of every field at once: five 510-octet arguments of octets
 // that each escape to four, a fourth RCPT, a peer from a hostile
 // environment, the longest end reason and the longest duration.
