@@ -834,8 +834,8 @@ void emit_log(LogTarget target, int priority, std::string_view line) {
 
 // ---------------------------------------------------------------- the alarm backstop
 
-// Every wait of a session ends at the deadline (wait_for), so only logging
-// can block past it: a syslog daemon or a journal that stopped reading.
+// Every wait of a session ends at the deadline (wait_for, wait_for_input),
+// so only logging can block past it: a syslog daemon or a journal that stopped reading.
 // alarm() ends the process backstop_seconds after the deadline all the
 // same.  Its handler writes a line prepared in advance, the session's with
 // end=alarm, to the log target, waits for that target at most
@@ -846,27 +846,38 @@ void emit_log(LogTarget target, int priority, std::string_view line) {
 constexpr int backstop_seconds = 2, backstop_wait_seconds = 1;
 
 struct Backstop {
-    static constexpr std::size_t message_max = syslog_header_max + LogLine::capacity + 1;
+    static constexpr std::size_t message_max = syslog_header_max + LogLine::capacity + 1;  // and a LF or NUL
     Text<message_max> message[2];  // one is prepared while the handler may read the other
     volatile std::sig_atomic_t ready = -1;  // the one the handler writes; -1: none
     LogTarget target = LogTarget::none;
     bool sandbox = false;  // for the log line: confine() succeeded
     int socket = -1;       // made before the sandbox, which refuses socket()
+    bool stream = false;   // /dev/log is a stream socket: each message ends in a NUL
 };
 Backstop backstop;
 
-// A datagram socket for the handler, connected to /dev/log (glibc's
-// _PATH_LOG) with a send timeout of backstop_wait_seconds: the handler only
-// sends on it, and the filter allows no send to an address.
+// A socket for the handler, connected to /dev/log (glibc's _PATH_LOG) with
+// a send timeout of backstop_wait_seconds: the handler only sends on it, and
+// the filter allows no send to an address.  A datagram socket, or where
+// /dev/log is a stream socket (connect() fails with EPROTOTYPE), a stream
+// one, as glibc's syslog(3) falls back to, with its framing: each message
+// followed by a NUL (an rsyslog or syslog-ng set up so can block the
+// session's own line, and the backstop is what then reaches it).
 void open_backstop_socket() {
     const sockaddr_un devlog{AF_UNIX, "/dev/log"};
     const timeval wait{backstop_wait_seconds, 0};
-    backstop.socket = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (backstop.socket >= 0 &&
-        (setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait) != 0 ||
-         connect(backstop.socket, reinterpret_cast<const sockaddr*>(&devlog), sizeof devlog) != 0)) {
+    for (const int type : {SOCK_DGRAM, SOCK_STREAM}) {
+        backstop.socket = socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
+        if (backstop.socket < 0) return;
+        if (setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait) == 0 &&
+            connect(backstop.socket, reinterpret_cast<const sockaddr*>(&devlog), sizeof devlog) == 0) {
+            backstop.stream = type == SOCK_STREAM;
+            return;
+        }
+        const bool other_type = errno == EPROTOTYPE;
         close(backstop.socket);
         backstop.socket = -1;
+        if (!other_type) return;
     }
 }
 
@@ -905,6 +916,7 @@ void prepare_backstop(const Session& s, Millis elapsed, const Peer& peer) {
     format_log(line, s, EndReason::alarm, elapsed, peer, backstop.sandbox);
     m.append(line.view());
     if (backstop.target == LogTarget::stderr_) m.append("\n");
+    if (backstop.target == LogTarget::syslog && backstop.stream) m.append({"", 1});  // the NUL
     std::atomic_signal_fence(std::memory_order_seq_cst);  // the message before the index
     backstop.ready = next;
 }
@@ -1495,6 +1507,12 @@ int main(int argc, char** argv) {
     struct sigaction on_alarm_action{};
     on_alarm_action.sa_handler = on_alarm;
     sigaction(SIGALRM, &on_alarm_action, nullptr);
+    // The signal mask survives exec: a super-server or wrapper that runs
+    // smtp521 with SIGALRM blocked would switch the backstop off.
+    sigset_t alarm_only;
+    sigemptyset(&alarm_only);
+    sigaddset(&alarm_only, SIGALRM);
+    sigprocmask(SIG_UNBLOCK, &alarm_only, nullptr);
     // From -t's deadline even under stress: the slice's CPU quota can hold
     // back a session that hundreds of others woke with for more than two
     // seconds (measured: a third of the cut sessions), and the alarm would

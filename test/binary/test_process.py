@@ -3,6 +3,7 @@ end of a socketpair or of an accepted loopback TCP connection."""
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -497,14 +498,18 @@ def fill_pipe():
     return r, w, fill(w)
 
 
-def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary):
+@pytest.mark.parametrize("blocked", [False, True], ids=["", "sigalrm-blocked"])
+def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary, blocked):
     # The log target (stderr, a pipe nobody reads) blocks the session's log
     # line past the deadline.  The alarm, 2 s after it, must write its
-    # prepared line (end=alarm) and exit 0, not die of SIGALRM silently.
+    # prepared line (end=alarm) and exit 0, not die of SIGALRM silently;
+    # also when exec'ed with SIGALRM blocked (the mask survives exec).
     r, w, filled = fill_pipe()
     t0 = time.monotonic()
     p = subprocess.Popen([binary, "-H", "mx.test", "-t", "1", "-l", "stderr"], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=w, env=ENV)
+                         stdout=subprocess.DEVNULL, stderr=w, env=ENV,
+                         preexec_fn=(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})) if blocked
+                         else None)
     os.close(w)
     # Wait until the handler runs: the process, blocked in write(2) (1),
     # is then in poll(2) (7, or ppoll 271) waiting for the pipe.  Only then
