@@ -139,6 +139,42 @@ constexpr std::string_view usage_text =
     "An option given again overrides the earlier one; -r and -c set the same\n"
     "thing, so the last of them wins.\n";
 
+// --help is a literal, and states the defaults and ranges above a second
+// time: checked against them here, so that neither changes alone.
+constexpr std::string_view help_entry(std::string_view option) {
+    const std::size_t at = usage_text.find(option);
+    const std::size_t end = usage_text.find("\n  -", at);
+    return at == std::string_view::npos ? std::string_view() : usage_text.substr(at, end - at);
+}
+// The number right after `prefix` in the entry (skip: that many numbers
+// and a '-' after it first, for "LOW-HIGH"), or -1.
+constexpr long help_number(std::string_view option, std::string_view prefix, int skip = 0) {
+    const std::string_view entry = help_entry(option);
+    std::size_t i = entry.find(prefix);
+    if (i == std::string_view::npos) return -1;
+    i += prefix.size();
+    long n = -1;
+    for (int k = 0; k <= skip; ++k) {
+        if (k > 0 && (i >= entry.size() || entry[i++] != '-')) return -1;
+        for (n = 0; i < entry.size() && entry[i] >= '0' && entry[i] <= '9'; ++i)
+            n = n * 10 + (entry[i] - '0');
+    }
+    return n;
+}
+static_assert(help_number("--timeout", "(default ") == Options{}.timeout_seconds &&
+                  help_number("--max-commands", "(default ") == Options{}.max_commands &&
+                  help_number("--stress-at", "(default ") == Options{}.stress_at &&
+                  help_number("--stress-timeout", "(default ") == Options{}.stress_timeout,
+              "--help gives the options' defaults");
+static_assert(help_number("--timeout", "SECONDS, ") == min_timeout &&
+                  help_number("--timeout", "SECONDS, ", 1) == max_timeout &&
+                  help_number("--max-commands", "commands, ") == min_commands &&
+                  help_number("--max-commands", "commands, ", 1) == max_commands_limit &&
+                  help_number("--stress-at", "at most ") == max_stress_at &&
+                  help_number("--stress-timeout", "end=stress), ") == min_timeout &&
+                  help_number("--stress-timeout", "end=stress), ", 1) == max_timeout,
+              "--help gives the options' ranges");
+
 // ---------------------------------------------------------------- fixed buffers
 
 // Every buffer is one of these: a reply, the output, a client's word, the
@@ -541,7 +577,7 @@ EndReason write_all(const Connection& c, std::string_view data, Millis deadline)
         std::size_t chunk = std::min<std::size_t>(data.size(), PIPE_BUF);
         ssize_t n = c.out_is_socket ? send(c.out, data.data(), chunk, MSG_DONTWAIT | MSG_NOSIGNAL)
                                     : write(c.out, data.data(), chunk);
-        if (n < 0) {
+        if (n < 0) {  // never 0: a write of at least one octet to a pipe or socket
             if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
             return EndReason::write_error;
         }
@@ -655,6 +691,7 @@ void add_escaped(Text<N>& log, std::string_view s, std::size_t max, bool already
             cut = true;
             break;
         }
+        // The longest form, \xHH: a larger array would never be read past it.
         const char escaped[4] = {plain ? static_cast<char>(c) : '\\', 'x', hex[c >> 4], hex[c & 15]};
         log.append({escaped, plain ? 1u : 4u});
         written += plain ? 1 : 4;
@@ -711,7 +748,8 @@ void add_peer(Peer& peer, int fd) {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
     char address_buffer[INET6_ADDRSTRLEN] = {};
-    char port_buffer[8] = {};
+    char port_buffer[8] = {};  // "65535": any size from 6 up writes the same
+    static_assert(sizeof port_buffer >= sizeof "65535", "every port fits");
     std::string_view address, port;
     if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
         const void* raw = nullptr;

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, ROOT, Child, crlf,
-                     current_syscall, cut_by, default_name, fields, fill, help_text, option_range)
+                     current_syscall, cut_by, default_name, fields, fill, help_text, option_range, read_to_eof)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -280,6 +280,36 @@ def test_last_reply_survives_pipelined_data_after_quit(binary):
     assert log_of(c)["end"] == "quit"
 
 
+def test_the_drain_keeps_replies_in_flight_from_a_reset(binary):
+    # Replies the client has not yet taken (its receive window shut: a small
+    # buffer it does not read until the server has exited), and data the
+    # server has not read when it exits: without the drain, the close resets
+    # the connection, and the kernel drops the replies still queued, the
+    # 221 with them (RFC 1122 4.2.2.13).  With it, they all arrive, then EOF.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    p = subprocess.Popen([binary, "-H", "mx.test", "-n", "1000", "-l", "none"], stdin=server.fileno(),
+                         stdout=server.fileno(), env=ENV)
+    server.close()
+    try:
+        commands = 600  # 8.4 KB of replies: more than the client's window, less than the server's buffer
+        client.sendall(crlf(*["NOOP"] * commands, "QUIT") + b"X" * (64 * 1024))
+        assert p.wait(timeout=30) == 0
+        out = read_to_eof(client, timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        client.close()
+    assert out == GREET + b"250 2.0.0 Ok\r\n" * commands + BYE, (len(out), out[-60:])
+
+
 @pytest.mark.parametrize("payload, end", [
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
     (b"\x16\x03\x01\x00\xf1\x01\x00\x00\xed\x03\x03" + bytes(range(200)), "tls"),
@@ -371,7 +401,7 @@ BAD_OPTIONS = [
     ["-H", "a" * 256], ["-m", "line\r\nbreak"], ["-m", ""], ["-m", "bell\a"], ["-l", "file"], ["-r", "mail"],
     ["-s", "x"], ["-s", str(STRESS_AT[1] + 1)], ["-T", str(STRESS_TIMEOUT[0] - 1)], ["-T", "y"],
     ["-x"], ["--bogus"], ["-t"], ["extra-argument"],
-    ["-H", "n" * 255, "-m", "t" * 250], ["-r", "x\n<0>forged"], ["-l", "a\rb\nc"],
+    ["-H", "n" * 255, "-m", "t" * 250], ["-r", "x\n<0>forged"], ["-l", "a\rb\nc"], ["-H", "del\x7fname"],
 ]
 
 

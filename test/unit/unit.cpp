@@ -514,6 +514,20 @@ TEST_CASE("argument_of takes the path or the first word") {
     }
 }
 
+// in_enum_order, which the tables' static_asserts rely on, tells a table out
+// of order or short of the enum.
+constexpr Command swapped[] = {
+    {"EHLO", Verb::ehlo}, {"HELO", Verb::helo}, {"MAIL", Verb::mail}, {"RCPT", Verb::rcpt},
+    {"RSET", Verb::rset}, {"NOOP", Verb::noop}, {"QUIT", Verb::quit},
+};
+constexpr Command short_of_quit[] = {
+    {"HELO", Verb::helo}, {"EHLO", Verb::ehlo}, {"MAIL", Verb::mail}, {"RCPT", Verb::rcpt},
+    {"RSET", Verb::rset}, {"NOOP", Verb::noop},
+};
+static_assert(!in_enum_order(swapped, &Command::verb, 1), "a table out of order is told");
+static_assert(!in_enum_order(short_of_quit, &Command::verb, 1), "a short table is told");
+static_assert(in_enum_order(commands, &Command::verb, 1), "the real table passes");
+
 TEST_CASE("option values are checked") {
     CHECK(valid_hostname("mx.example.org"));
     CHECK(valid_hostname("[192.0.2.1]"));
@@ -521,6 +535,10 @@ TEST_CASE("option values are checked") {
     CHECK_FALSE(valid_hostname("two words"));
     CHECK_FALSE(valid_hostname("tab\there"));
     CHECK_FALSE(valid_hostname(std::string(256, 'a')));
+    CHECK(valid_hostname(std::string(255, 'a')));
+    CHECK(valid_hostname("!~"));                  // 0x21 and 0x7e: printable
+    CHECK_FALSE(valid_hostname("del\x7fname"));   // DEL is a control
+    CHECK_FALSE(valid_hostname("caf\xc3\xa9"));
     CHECK(valid_message("does not accept mail"));
     CHECK_FALSE(valid_message("line\r\nbreak"));
     CHECK_FALSE(valid_message(""));
@@ -543,6 +561,10 @@ TEST_CASE("a reply longer than 512 octets is refused at start") {
     o.message = text;
     Replies replies;
     CHECK(build_replies(o, replies));  // the refusal: 10 + 255 + 1 + 240 + 2 = 508
+    std::string exact(244, 't');
+    o.message = exact;
+    CHECK(build_replies(o, replies));  // 512, RFC 5321 4.5.3.1.5's own limit
+    CHECK(replies[Verb::rcpt].length == max_reply);
     std::string longer(245, 't');
     o.message = longer;
     CHECK_FALSE(build_replies(o, replies));  // 513
