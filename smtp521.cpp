@@ -247,7 +247,7 @@ static_assert(in_enum_order(commands, &Command::verb, 1), "one command per Verb 
 // session after its reply (RFC 5321 4.1.1.10).
 struct Replies {
     Reply greeting;
-    bool close_after_greeting = false;
+    bool close_after_greeting = false;  // build_replies() sets it, whatever this says
     Reply to[verb_count];
     const Reply& operator[](Verb v) const { return to[static_cast<std::size_t>(v)]; }
     Reply& operator[](Verb v) { return to[static_cast<std::size_t>(v)]; }
