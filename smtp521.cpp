@@ -980,7 +980,7 @@ constexpr int allowed_syscalls[] = {
     SYS_close,                          // syslog(3) drops a dead /dev/log socket
     SYS_clock_gettime, SYS_gettimeofday,  // the deadline, where the vDSO cannot
     SYS_getpid,                         // syslog(3)'s LOG_PID
-    SYS_exit_group, SYS_exit,
+    SYS_exit_group,                     // _exit(2); glibc's fallback to exit never runs
     // The call the kernel makes a live process issue, whatever the program
     // does: a poll() with a timeout that a stop interrupted (SIGSTOP and
     // SIGCONT, a tracer attaching, the cgroup freezer) is resumed through
