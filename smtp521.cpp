@@ -139,6 +139,42 @@ constexpr std::string_view usage_text =
     "An option given again overrides the earlier one; -r and -c set the same\n"
     "thing, so the last of them wins.\n";
 
+// --help is a literal, and states the defaults and ranges above a second
+// time: checked against them here, so that neither changes alone.
+constexpr std::string_view help_entry(std::string_view option) {
+    const std::size_t at = usage_text.find(option);
+    const std::size_t end = usage_text.find("\n  -", at);
+    return at == std::string_view::npos ? std::string_view() : usage_text.substr(at, end - at);
+}
+// The number right after `prefix` in the entry (skip: that many numbers
+// and a '-' after it first, for "LOW-HIGH"), or -1.
+constexpr long help_number(std::string_view option, std::string_view prefix, int skip = 0) {
+    const std::string_view entry = help_entry(option);
+    std::size_t i = entry.find(prefix);
+    if (i == std::string_view::npos) return -1;
+    i += prefix.size();
+    long n = -1;
+    for (int k = 0; k <= skip; ++k) {
+        if (k > 0 && (i >= entry.size() || entry[i++] != '-')) return -1;
+        for (n = 0; i < entry.size() && entry[i] >= '0' && entry[i] <= '9'; ++i)
+            n = n * 10 + (entry[i] - '0');
+    }
+    return n;
+}
+static_assert(help_number("--timeout", "(default ") == Options{}.timeout_seconds &&
+                  help_number("--max-commands", "(default ") == Options{}.max_commands &&
+                  help_number("--stress-at", "(default ") == Options{}.stress_at &&
+                  help_number("--stress-timeout", "(default ") == Options{}.stress_timeout,
+              "--help gives the options' defaults");
+static_assert(help_number("--timeout", "SECONDS, ") == min_timeout &&
+                  help_number("--timeout", "SECONDS, ", 1) == max_timeout &&
+                  help_number("--max-commands", "commands, ") == min_commands &&
+                  help_number("--max-commands", "commands, ", 1) == max_commands_limit &&
+                  help_number("--stress-at", "at most ") == max_stress_at &&
+                  help_number("--stress-timeout", "end=stress), ") == min_timeout &&
+                  help_number("--stress-timeout", "end=stress), ", 1) == max_timeout,
+              "--help gives the options' ranges");
+
 // ---------------------------------------------------------------- fixed buffers
 
 // Every buffer is one of these: a reply, the output, a client's word, the
@@ -211,7 +247,7 @@ static_assert(in_enum_order(commands, &Command::verb, 1), "one command per Verb 
 // session after its reply (RFC 5321 4.1.1.10).
 struct Replies {
     Reply greeting;
-    bool close_after_greeting = false;
+    bool close_after_greeting = false;  // build_replies() sets it, whatever this says
     Reply to[verb_count];
     const Reply& operator[](Verb v) const { return to[static_cast<std::size_t>(v)]; }
     Reply& operator[](Verb v) { return to[static_cast<std::size_t>(v)]; }
@@ -498,6 +534,8 @@ enum class Wait { ready, timeout, failed };
 // Wait until fd is ready for `events` or the deadline passes.  POLLHUP and
 // POLLERR count as ready: the read or write that follows reports them.
 // POLLNVAL (fd not open) is `failed`, and there is no errno to look at.
+// Past the deadline poll() still says ready when the fd is: a last reply
+// goes out if it can.  Input is another matter (wait_for_input).
 Wait wait_for(int fd, short events, Millis deadline) {
     for (;;) {
         pollfd p{fd, events, 0};
@@ -506,6 +544,15 @@ Wait wait_for(int fd, short events, Millis deadline) {
         if (n == 0) return Wait::timeout;
         if (errno != EINTR) return Wait::failed;
     }
+}
+
+// The deadline is checked before every wait for input, not left to
+// poll(), which past it still says ready when input is waiting: a client
+// that never lets the socket empty (one endless line, to a session that the
+// CPU quota starves) would never be cut.  Output needs no such check: it
+// only answers input.
+Wait wait_for_input(int fd, Millis deadline) {
+    return now_ms() < deadline ? wait_for(fd, POLLIN, deadline) : Wait::timeout;
 }
 
 struct Connection {
@@ -530,7 +577,7 @@ EndReason write_all(const Connection& c, std::string_view data, Millis deadline)
         std::size_t chunk = std::min<std::size_t>(data.size(), PIPE_BUF);
         ssize_t n = c.out_is_socket ? send(c.out, data.data(), chunk, MSG_DONTWAIT | MSG_NOSIGNAL)
                                     : write(c.out, data.data(), chunk);
-        if (n < 0) {
+        if (n < 0) {  // never 0: a write of at least one octet to a pipe or socket
             if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
             return EndReason::write_error;
         }
@@ -552,7 +599,7 @@ void close_gracefully(const Connection& c) {
     const Millis until = now_ms() + drain_ms;
     char sink[4096];
     std::size_t drained = 0;
-    while (drained < drain_bytes && wait_for(c.in, POLLIN, until) == Wait::ready) {
+    while (drained < drain_bytes && wait_for_input(c.in, until) == Wait::ready) {
         ssize_t n = recv(c.in, sink, sizeof sink, MSG_DONTWAIT);
         if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
         if (n <= 0) return;  // EOF or error: the client is gone
@@ -569,16 +616,7 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
     out.clear();
     char input[4096];
     while (io == EndReason::none && !session.ended()) {
-        Wait w = wait_for(c.in, POLLIN, deadline);
-        if (w == Wait::timeout && stressed) {
-            // A client that waits for the next reply has read every one
-            // before: the 521 cannot be stuck behind unread output.
-            session.cut(out);
-            io = write_all(c, out.view(), now_ms() + drain_ms);
-            out.clear();
-            if (io == EndReason::none) close_gracefully(c);
-            return EndReason::stress;
-        }
+        Wait w = wait_for_input(c.in, deadline);
         if (w == Wait::timeout) {
             io = EndReason::timeout;
             break;
@@ -593,6 +631,9 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
             io = EndReason::read_error;
             break;
         }
+        // Checked after each read too: what a starved session reads past
+        // its deadline is not answered, and the next wait ends it.
+        if (now_ms() >= deadline) continue;
         if (n == 0) session.input_closed(out);
         // Clients pipeline (RFC 2920), advertised or not: every reply of one
         // read goes out in one write, unless it overflows the buffer.
@@ -603,10 +644,18 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
             out.clear();
         } while (io == EndReason::none && !session.ended() && !rest.empty());
     }
+    if (io == EndReason::timeout && stressed) {
+        // The stress deadline passed, in a wait for a command, for a reply
+        // to go out, or while input kept coming: the 521, within drain_ms.
+        // A client that waits for the next reply has read every one before,
+        // so the 521 is not stuck behind unread output.
+        session.cut(out);
+        io = write_all(c, out.view(), now_ms() + drain_ms);
+        if (io == EndReason::none) close_gracefully(c);
+        return EndReason::stress;
+    }
     // Not after a timeout or a failed write: there is no reply to protect.
     if (io == EndReason::none || io == EndReason::read_error) close_gracefully(c);
-    // A write that could not finish by the stress deadline is a cut too.
-    if (io == EndReason::timeout && stressed) return EndReason::stress;
     // An I/O failure is what the log should say, even after QUIT.
     return io != EndReason::none ? io : session.end_reason();
 }
@@ -620,7 +669,8 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
 // splits back into exactly the values sent, and a client can forge neither
 // a line nor a field nor a cut: printable ASCII as is, but as \xHH a
 // backslash, a comma (it separates the rcpt= paths), a '.' right after a
-// '.' (no value holds "..." but the cut mark), and everything else (space,
+// '.' (no value holds "..." but the cut mark), a value that is just '-'
+// (which means absent, and nothing else), and everything else (space,
 // controls, CR, LF, 8-bit).  A value is cut at its maximum of log text, on
 // an escape's boundary, and the cut is marked "..." at its end.
 constexpr std::string_view cut_mark = "...";
@@ -634,12 +684,14 @@ void add_escaped(Text<N>& log, std::string_view s, std::size_t max, bool already
     bool cut = already_cut;
     unsigned char previous = 0;
     for (unsigned char c : s) {
-        const bool plain = c > 0x20 && c < 0x7f && c != '\\' && c != ',' && !(c == '.' && previous == '.');
+        const bool plain = c > 0x20 && c < 0x7f && c != '\\' && c != ',' && !(c == '.' && previous == '.') &&
+                           !(c == '-' && s.size() == 1);
         previous = c;
         if (written + (plain ? 1 : 4) > max) {
             cut = true;
             break;
         }
+        // The longest form, \xHH: a larger array would never be read past it.
         const char escaped[4] = {plain ? static_cast<char>(c) : '\\', 'x', hex[c >> 4], hex[c & 15]};
         log.append({escaped, plain ? 1u : 4u});
         written += plain ? 1 : 4;
@@ -696,7 +748,8 @@ void add_peer(Peer& peer, int fd) {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
     char address_buffer[INET6_ADDRSTRLEN] = {};
-    char port_buffer[8] = {};
+    char port_buffer[8] = {};  // "65535": any size from 6 up writes the same
+    static_assert(sizeof port_buffer >= sizeof "65535", "every port fits");
     std::string_view address, port;
     if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
         const void* raw = nullptr;
@@ -819,8 +872,8 @@ void emit_log(LogTarget target, int priority, std::string_view line) {
 
 // ---------------------------------------------------------------- the alarm backstop
 
-// Every wait of a session ends at the deadline (wait_for), so only logging
-// can block past it: a syslog daemon or a journal that stopped reading.
+// Every wait of a session ends at the deadline (wait_for, wait_for_input),
+// so only logging can block past it: a syslog daemon or a journal that stopped reading.
 // alarm() ends the process backstop_seconds after the deadline all the
 // same.  Its handler writes a line prepared in advance, the session's with
 // end=alarm, to the log target, waits for that target at most
@@ -831,27 +884,38 @@ void emit_log(LogTarget target, int priority, std::string_view line) {
 constexpr int backstop_seconds = 2, backstop_wait_seconds = 1;
 
 struct Backstop {
-    static constexpr std::size_t message_max = syslog_header_max + LogLine::capacity + 1;
+    static constexpr std::size_t message_max = syslog_header_max + LogLine::capacity + 1;  // and a LF or NUL
     Text<message_max> message[2];  // one is prepared while the handler may read the other
     volatile std::sig_atomic_t ready = -1;  // the one the handler writes; -1: none
     LogTarget target = LogTarget::none;
     bool sandbox = false;  // for the log line: confine() succeeded
     int socket = -1;       // made before the sandbox, which refuses socket()
+    bool stream = false;   // /dev/log is a stream socket: each message ends in a NUL
 };
 Backstop backstop;
 
-// A datagram socket for the handler, connected to /dev/log (glibc's
-// _PATH_LOG) with a send timeout of backstop_wait_seconds: the handler only
-// sends on it, and the filter allows no send to an address.
+// A socket for the handler, connected to /dev/log (glibc's _PATH_LOG) with
+// a send timeout of backstop_wait_seconds: the handler only sends on it, and
+// the filter allows no send to an address.  A datagram socket, or where
+// /dev/log is a stream socket (connect() fails with EPROTOTYPE), a stream
+// one, as glibc's syslog(3) falls back to, with its framing: each message
+// followed by a NUL (an rsyslog or syslog-ng set up so can block the
+// session's own line, and the backstop is what then reaches it).
 void open_backstop_socket() {
     const sockaddr_un devlog{AF_UNIX, "/dev/log"};
     const timeval wait{backstop_wait_seconds, 0};
-    backstop.socket = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (backstop.socket >= 0 &&
-        (setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait) != 0 ||
-         connect(backstop.socket, reinterpret_cast<const sockaddr*>(&devlog), sizeof devlog) != 0)) {
+    for (const int type : {SOCK_DGRAM, SOCK_STREAM}) {
+        backstop.socket = socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
+        if (backstop.socket < 0) return;
+        if (setsockopt(backstop.socket, SOL_SOCKET, SO_SNDTIMEO, &wait, sizeof wait) == 0 &&
+            connect(backstop.socket, reinterpret_cast<const sockaddr*>(&devlog), sizeof devlog) == 0) {
+            backstop.stream = type == SOCK_STREAM;
+            return;
+        }
+        const bool other_type = errno == EPROTOTYPE;
         close(backstop.socket);
         backstop.socket = -1;
+        if (!other_type) return;
     }
 }
 
@@ -890,6 +954,7 @@ void prepare_backstop(const Session& s, Millis elapsed, const Peer& peer) {
     format_log(line, s, EndReason::alarm, elapsed, peer, backstop.sandbox);
     m.append(line.view());
     if (backstop.target == LogTarget::stderr_) m.append("\n");
+    if (backstop.target == LogTarget::syslog && backstop.stream) m.append({"", 1});  // the NUL
     std::atomic_signal_fence(std::memory_order_seq_cst);  // the message before the index
     backstop.ready = next;
 }
@@ -915,15 +980,26 @@ constexpr int allowed_syscalls[] = {
     SYS_close,                          // syslog(3) drops a dead /dev/log socket
     SYS_clock_gettime, SYS_gettimeofday,  // the deadline, where the vDSO cannot
     SYS_getpid,                         // syslog(3)'s LOG_PID
-    SYS_exit_group, SYS_exit,
-    // Calls the kernel makes a live process issue, whatever the program
-    // does.  restart_syscall: a poll() with a timeout that a stop
-    // interrupted (SIGSTOP and SIGCONT, a tracer attaching, the cgroup
-    // freezer) is resumed through it, with the time left (signal(7),
-    // "Interruption of system calls"); refused, the session would end
-    // there without its reply.  rt_sigreturn: the return from a signal
-    // handler, through the restorer the kernel put on the stack.
-    SYS_restart_syscall, SYS_rt_sigreturn,
+    SYS_exit_group,                     // _exit(2); glibc's fallback to exit never runs
+    // The call the kernel makes a live process issue, whatever the program
+    // does: a poll() with a timeout that a stop interrupted (SIGSTOP and
+    // SIGCONT, a tracer attaching, the cgroup freezer) is resumed through
+    // it, with the time left (signal(7), "Interruption of system calls");
+    // refused, the session would end there without its reply.
+    SYS_restart_syscall,
+};
+
+// The return from a signal handler, which no handler here makes: SIGPIPE
+// is ignored and on_alarm() ends in _exit().  Called all the same, it can
+// only be injected code forging a signal frame (sigreturn-oriented
+// programming: every register, the stack and the signal mask, SIGALRM
+// blocked, of its choosing): it kills.  The sanitizer's handlers may
+// return (sanitizer_syscalls, below).
+constexpr int sigreturn_syscalls[] = {
+    SYS_rt_sigreturn,
+#ifdef SYS_sigreturn
+    SYS_sigreturn,  // the older one, of the 32-bit ABIs, ppc64el and s390x
+#endif
 };
 
 // sendto is allowed only without a destination (its 5th and 6th arguments
@@ -936,8 +1012,6 @@ constexpr int sendto_unaddressed = SYS_sendto;
 // other kills, see below), and the calls its glibc makes beyond the list
 // above, found under its own Debian kernel in qemu (test/arch/run, which
 // also proves the filter there; README.md, Architectures).
-// The 32-bit ABIs (and ppc64el, s390x) also keep the older sigreturn, for
-// a handler installed without SA_SIGINFO: another call the kernel makes.
 #if defined(__x86_64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_X86_64;
 constexpr std::array<int, 0> arch_syscalls{};
@@ -945,7 +1019,7 @@ constexpr std::array<int, 0> arch_syscalls{};
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_I386;
 // Without the vDSO, glibc's clock is the 64-bit-time call; its socket
 // calls go through socketcall(2) (below).
-constexpr std::array arch_syscalls{SYS_clock_gettime64, SYS_sigreturn};
+constexpr std::array arch_syscalls{SYS_clock_gettime64};
 #define SMTP521_SOCKETCALL 1
 #elif defined(__aarch64__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_AARCH64;
@@ -954,13 +1028,13 @@ constexpr std::array<int, 0> arch_syscalls{};
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_ARM;
 // glibc's send() and recv() are calls of their own here; without the
 // vDSO (a timer it cannot read), its clock is the 64-bit-time call.
-constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_clock_gettime64, SYS_sigreturn};
+constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_clock_gettime64};
 #elif defined(__powerpc64__) && defined(__LITTLE_ENDIAN__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_PPC64LE;
-constexpr std::array arch_syscalls{SYS_send, SYS_recv, SYS_sigreturn};  // as on ARM
+constexpr std::array arch_syscalls{SYS_send, SYS_recv};  // as on ARM
 #elif defined(__s390x__)
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_S390X;
-constexpr std::array arch_syscalls{SYS_sigreturn};
+constexpr std::array<int, 0> arch_syscalls{};
 #define SMTP521_SOCKETCALL 1  // as on i386
 #elif defined(__riscv) && __riscv_xlen == 64
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_RISCV64;
@@ -981,8 +1055,9 @@ constexpr std::uint32_t allowed_socketcalls[] = {SYS_SEND, SYS_RECV, SYS_RECVFRO
 
 // The AddressSanitizer build of make check also needs these to report an
 // error from inside the sandbox: its report buffers (mmap, never
-// executable), its signal stack, its thread id, and the binary's name for
-// the stack trace.  The shipped build allows none of them.
+// executable), its signal stack, its thread id, the binary's name for the
+// stack trace, and the return from its signal handlers (sigreturn_syscalls,
+// above).  The shipped build allows none of them.
 constexpr bool sanitized =
 #if defined(__SANITIZE_ADDRESS__)
     true;
@@ -1054,8 +1129,9 @@ struct Bpf {
 // that reaches for a call this list lacks (another kernel, another glibc)
 // then costs that one call, not the session; a killed session would lose
 // its reply, and the sender would queue the mail for days, the very failure
-// smtp521 exists to end.  A call of another architecture or of the x32 ABI
-// cannot come from this program at all, only from injected code: it kills.
+// smtp521 exists to end.  A call of another architecture or of the x32 ABI,
+// or a sigreturn, cannot come from this program at all, only from injected
+// code: it kills.
 template <std::size_t N>
 constexpr Bpf<N> seccomp_program() {
     constexpr std::uint32_t allow = SECCOMP_RET_ALLOW, kill = SECCOMP_RET_KILL_PROCESS,
@@ -1069,6 +1145,8 @@ constexpr Bpf<N> seccomp_program() {
     f.when(BPF_JGE, 0x40000000u, [&] { f.ret(kill); });
 #endif
     auto allow_call = [&](int nr) { f.when(BPF_JEQ, static_cast<std::uint32_t>(nr), [&] { f.ret(allow); }); };
+    for (int nr : sigreturn_syscalls)
+        f.when(BPF_JEQ, static_cast<std::uint32_t>(nr), [&] { f.ret(sanitized ? allow : kill); });
     for (int nr : allowed_syscalls) allow_call(nr);
     for (int nr : arch_syscalls) allow_call(nr);
     // sendto(fd, buf, len, flags, NULL, 0) only.
@@ -1142,13 +1220,22 @@ bool confine() {
     int n = std::vsnprintf(message, sizeof message, format, args);
     va_end(args);
     const std::size_t length = std::min(n > 0 ? static_cast<std::size_t>(n) : 0, sizeof message - 1);
+    // What was typed is escaped as the log escapes client text, control
+    // characters, backslash and 8-bit octets as \xHH: one line, whatever
+    // the argument holds (a "\n<0>" would start a journal record of its own).
+    constexpr std::string_view prefix = "smtp521: ", suffix = " (see smtp521 --help)\n";
+    Text<prefix.size() + 4 * sizeof message + suffix.size()> line;  // every octet escaped
+    line.append(prefix);
+    for (const char c : std::string_view(message, length)) {
+        const auto u = static_cast<unsigned char>(c);
+        const char escaped[4] = {'\\', 'x', "0123456789abcdef"[u >> 4], "0123456789abcdef"[u & 15]};
+        line.append(u >= 0x20 && u < 0x7f && c != '\\' ? std::string_view(&c, 1) : std::string_view(escaped, 4));
+    }
+    const std::string_view text = tail(line.view(), prefix.size());
     open_syslog();
-    syslog(LOG_ERR, "%.*s", static_cast<int>(length), message);
+    syslog(LOG_ERR, "%.*s", static_cast<int>(text.size()), text.data());
     if (!stderr_is_connection()) {
-        Text<sizeof message + 64> line;
-        line.append("smtp521: ");
-        line.append({message, length});
-        line.append(" (see smtp521 --help)\n");
+        line.append(suffix);
         write_stderr(line.view());
     }
     std::exit(exit_usage);
@@ -1251,7 +1338,8 @@ Options parse_options(int argc, char** argv) {
             char text[64];
             int n = std::snprintf(text, sizeof text, "smtp521 %.*s\n", static_cast<int>(version.size()),
                                   version.data());
-            (void)!write(1, text, static_cast<std::size_t>(n));
+            // What was formatted, never past it: a longer version is cut.
+            (void)!write(1, text, std::min(n > 0 ? static_cast<std::size_t>(n) : 0, sizeof text - 1));
             std::exit(exit_ok);
         }
         case 'h':
@@ -1343,7 +1431,7 @@ constexpr bool is_own_session(std::string_view path) {
 }
 
 // The whole of a small file, or an empty view.
-std::string_view read_small_file(const char* path, Text<1024>& buffer) {
+std::string_view read_small_file(const char* path, Text<64>& buffer) {
     buffer.clear();
     const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) return {};
@@ -1357,24 +1445,52 @@ std::string_view read_small_file(const char* path, Text<1024>& buffer) {
     return buffer.view();
 }
 
-int stress_sessions() {
-    Text<1024> cgroups, number;
-    const std::string_view text = read_small_file("/proc/self/cgroup", cgroups);
-    for (const auto& root : cgroup_roots) {
-        // The line "ID:CONTROLLERS:PATH" whose middle names this hierarchy.
-        std::string_view rest = text, path;
-        while (!rest.empty() && path.empty()) {
-            const std::string_view line = head(rest, rest.find('\n'));
-            rest = tail(rest, line.size() + 1);
-            const std::size_t at = root[0] == "0::" ? (head(line, 3) == "0::" ? 0 : std::string_view::npos)
-                                                    : line.find(root[0]);
-            if (at != std::string_view::npos) path = tail(line, at + root[0].size());
+// A cgroup's path (the kernel's limit on a path) with its "ID:CONTROLLERS:".
+using CgroupLine = Text<PATH_MAX + 64>;
+
+// Every line of a file, whatever its length, one at a time: /proc/self/cgroup
+// has a line per hierarchy, 13 on a hybrid host, and with an IPv6 peer in the
+// instance's name it passes 1,800 octets.  A line longer than `line` is skipped.
+template <class Each>
+void for_each_line(const char* path, CgroupLine& line, Each each) {
+    const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) return;
+    line.clear();
+    char chunk[512];
+    for (;;) {
+        ssize_t n = read(fd, chunk, sizeof chunk);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        std::string_view rest(chunk, static_cast<std::size_t>(n));
+        for (std::size_t lf; (lf = rest.find('\n')) != std::string_view::npos; rest = tail(rest, lf + 1)) {
+            line.append(head(rest, lf));
+            if (!line.cut) each(line.view());
+            line.clear();
         }
+        line.append(rest);
+    }
+    close(fd);
+    if (line.length > 0 && !line.cut) each(line.view());
+}
+
+int stress_sessions() {
+    // The line "ID:CONTROLLERS:PATH" whose middle names each hierarchy: its PATH.
+    CgroupLine line, paths[std::size(cgroup_roots)];
+    for_each_line("/proc/self/cgroup", line, [&](std::string_view l) {
+        for (std::size_t i = 0; i < std::size(cgroup_roots); ++i) {
+            const std::string_view id = cgroup_roots[i][0];
+            const std::size_t at = id == "0::" ? (head(l, 3) == "0::" ? 0 : std::string_view::npos) : l.find(id);
+            if (at != std::string_view::npos && paths[i].length == 0) paths[i].append(tail(l, at + id.size()));
+        }
+    });
+    Text<64> number;
+    for (std::size_t i = 0; i < std::size(cgroup_roots); ++i) {
+        const std::string_view root = cgroup_roots[i][1], path = paths[i].view();
         if (!is_own_session(path)) continue;
         const std::string_view parent = head(path, path.rfind('/'));
-        char file[1200];
-        const int n = std::snprintf(file, sizeof file, "%.*s%.*s/pids.current", static_cast<int>(root[1].size()),
-                                    root[1].data(), static_cast<int>(parent.size()), parent.data());
+        char file[sizeof(CgroupLine::bytes) + 64];
+        const int n = std::snprintf(file, sizeof file, "%.*s%.*s/pids.current", static_cast<int>(root.size()),
+                                    root.data(), static_cast<int>(parent.size()), parent.data());
         if (n < 0 || static_cast<std::size_t>(n) >= sizeof file) continue;
         std::string_view value = read_small_file(file, number);
         while (!value.empty() && value.back() == '\n') value.remove_suffix(1);
@@ -1429,6 +1545,12 @@ int main(int argc, char** argv) {
     struct sigaction on_alarm_action{};
     on_alarm_action.sa_handler = on_alarm;
     sigaction(SIGALRM, &on_alarm_action, nullptr);
+    // The signal mask survives exec: a super-server or wrapper that runs
+    // smtp521 with SIGALRM blocked would switch the backstop off.
+    sigset_t alarm_only;
+    sigemptyset(&alarm_only);
+    sigaddset(&alarm_only, SIGALRM);
+    sigprocmask(SIG_UNBLOCK, &alarm_only, nullptr);
     // From -t's deadline even under stress: the slice's CPU quota can hold
     // back a session that hundreds of others woke with for more than two
     // seconds (measured: a third of the cut sessions), and the alarm would

@@ -57,8 +57,8 @@ def tables(tmp_path_factory):
         "        std::printf(\"end %.*s\\n\", static_cast<int>(r.name.size()), r.name.data());\n"
         "    for (int nr : smtp521::allowed_syscalls) std::printf(\"call %d\\n\", nr);\n"
         "    std::printf(\"call %d\\n\", smtp521::sendto_unaddressed);\n"
-        "    std::printf(\"alarm %d\\nwait %d\\ndrain %lld\\n\", smtp521::backstop_seconds,\n"
-        "                smtp521::backstop_wait_seconds, smtp521::drain_ms);\n"
+        "    std::printf(\"alarm %d\\nwait %d\\ndrain %lld\\ndrained %zu\\n\", smtp521::backstop_seconds,\n"
+        "                smtp521::backstop_wait_seconds, smtp521::drain_ms, smtp521::drain_bytes);\n"
         "}\n")
     subprocess.run([cxx, "-std=c++17", "-DSMTP521_VERSION=\"docs\"", "-o", str(work / "tables"), str(src)],
                    check=True, capture_output=True, text=True)
@@ -70,7 +70,7 @@ def tables(tmp_path_factory):
     lines = [line.split(" ", 1) for line in out.splitlines()]
     return {"end": [v for k, v in lines if k == "end"],
             "calls": [names[int(v)] for k, v in lines if k == "call"],
-            **{k: int(v) for k, v in lines if k in ("alarm", "wait", "drain")}}
+            **{k: int(v) for k, v in lines if k in ("alarm", "wait", "drain", "drained")}}
 
 
 def test_man_page_documents_every_end_reason(tables):
@@ -104,6 +104,7 @@ def test_the_times_past_the_deadline_are_the_programs(tables):
     assert f"above {runtime - alarm - wait} needs" in man, runtime
     # The drain before close.
     assert tables["drain"] == 500 and "at most half a second" in man, tables["drain"]
+    assert f"and {tables['drained'] // 1024} KiB" in man and tables["drained"] % 1024 == 0, tables["drained"]
 
 
 # ------------------------------------------------------------ the binary's own output

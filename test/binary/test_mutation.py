@@ -21,7 +21,8 @@ CONTROLS = ("the filter lets the session's own calls through",
             "under the filter, AddressSanitizer still reports",
             "restart_syscall, which the kernel makes a stopped poll() call, is allowed",
             "test_a_stopped_traced_or_frozen_session_still_answers",
-            "test_the_backstop_reaches_syslog_through_its_connected_socket")
+            "test_the_backstop_reaches_syslog_through_its_connected_socket",
+            "test_the_backstop_reaches_a_stream_syslog")
 
 
 def tracked_tree(dest):

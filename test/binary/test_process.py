@@ -3,15 +3,17 @@ end of a socketpair or of an accepted loopback TCP connection."""
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
 
-from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, Child, crlf,
-                     current_syscall, cut_by, default_name, fields, fill, help_text, option_range)
+from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, ROOT, Child, crlf,
+                     current_syscall, cut_by, default_name, fields, fill, help_text, option_range, read_to_eof)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -125,6 +127,63 @@ def test_trickling_client_cut_at_deadline(binary):
     assert log["end"] == "timeout" and 1 <= float(log["duration"]) <= cut_by(1), log
 
 
+# Starvation, made real and repeatable: the session runs at SCHED_IDLE
+# pinned to the CPU of a client that sends without pause, so it runs only
+# while the client is blocked on a full socket buffer, reads, and is
+# preempted as soon as the client can send again: there is always input
+# waiting, the state of a session under the slice's CPUQuota= in a flood.
+STARVED_CPU = max(os.sched_getaffinity(0))
+ENDLESS_LINE = b"X" * 65536  # no LF, ever
+# Commands without pause, each answered: 1.5 KiB each, overlong (the 521
+# answers them), so that -n's maximum, 100,000, lies over 150 MB away (at
+# 512 octets it came at 1.3 s, too near -T 1).
+FLOOD_COMMANDS = (b"NOOP " + b"x" * 1500 + b"\r\n") * 64
+
+
+def starved(binary, args):
+    """argv prefix and args for Child: the binary at SCHED_IDLE on STARVED_CPU."""
+    return shutil.which("taskset"), ["-c", str(STARVED_CPU), shutil.which("chrt"), "--idle", "0", binary] + args
+
+
+def flood(child, payload):
+    """Send `payload` over and over from a thread on STARVED_CPU until the
+    session closes; return everything it sent back."""
+    def sender():
+        os.sched_setaffinity(0, {STARVED_CPU})  # this thread only
+        try:
+            while True:
+                child.client.sendall(payload)
+        except OSError:  # EPIPE, ECONNRESET: the session is gone
+            pass
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    got = b""
+    child.client.settimeout(60)
+    while True:
+        try:
+            chunk = child.client.recv(65536)
+        except ConnectionResetError:  # AF_UNIX: closed with our bytes unread, after its own
+            break
+        if not chunk:
+            break
+        got += chunk
+    thread.join(timeout=60)
+    return got
+
+
+@pytest.mark.parametrize("payload", [ENDLESS_LINE, FLOOD_COMMANDS], ids=["endless-line", "commands"])
+def test_a_starved_session_fed_without_pause_is_cut_at_deadline(binary, payload):
+    # RFC 1846 4.2: -t bounds the session whatever the client sends; input
+    # always waiting must not keep it open until the alarm (-t + 2 s) or,
+    # at about 30,000 commands a second, the limit (-n, at about 3 s).
+    c = Child(*starved(binary, ["-H", "mx.test", "-t", "1", "-n", "100000", "-l", "stderr"]))
+    out = flood(c, payload)
+    assert c.wait(timeout=30) == 0
+    log = log_of(c)
+    assert log["end"] == "timeout" and 1 <= float(log["duration"]) <= cut_by(1), log
+    assert out.startswith(GREET), out[:200]
+
+
 def peak_rss_kib(binary, payload, reply):
     """Peak resident memory (VmHWM, KiB) of a session after `payload` has been
     answered with `reply`.  Read from /proc while the process lives: unlike
@@ -221,6 +280,36 @@ def test_last_reply_survives_pipelined_data_after_quit(binary):
     assert log_of(c)["end"] == "quit"
 
 
+def test_the_drain_keeps_replies_in_flight_from_a_reset(binary):
+    # Replies the client has not yet taken (its receive window shut: a small
+    # buffer it does not read until the server has exited), and data the
+    # server has not read when it exits: without the drain, the close resets
+    # the connection, and the kernel drops the replies still queued, the
+    # 221 with them (RFC 1122 4.2.2.13).  With it, they all arrive, then EOF.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    p = subprocess.Popen([binary, "-H", "mx.test", "-n", "1000", "-l", "none"], stdin=server.fileno(),
+                         stdout=server.fileno(), env=ENV)
+    server.close()
+    try:
+        commands = 600  # 8.4 KB of replies: more than the client's window, less than the server's buffer
+        client.sendall(crlf(*["NOOP"] * commands, "QUIT") + b"X" * (64 * 1024))
+        assert p.wait(timeout=30) == 0
+        out = read_to_eof(client, timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        client.close()
+    assert out == GREET + b"250 2.0.0 Ok\r\n" * commands + BYE, (len(out), out[-60:])
+
+
 @pytest.mark.parametrize("payload, end", [
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
     (b"\x16\x03\x01\x00\xf1\x01\x00\x00\xed\x03\x03" + bytes(range(200)), "tls"),
@@ -263,11 +352,23 @@ def run_pipe(binary, args, stdin=b"", env=None):
     ({"TCPREMOTEIP": "198.51.100.3", "TCPREMOTEPORT": "1025"}, "198.51.100.3:1025"),
     ({"REMOTE_ADDR": "evil addr\n"}, "evil\\x20addr\\x0a"),
     ({}, "local"),
-], ids=["inetd-ipv4", "inetd-ipv6", "tcpserver", "escaped", "none"])
+    ({"REMOTE_ADDR": "-", "REMOTE_PORT": "-"}, "\\x2d:\\x2d"),
+], ids=["inetd-ipv4", "inetd-ipv6", "tcpserver", "escaped", "none", "dash"])
 def test_peer_address_from_environment(binary, env, peer):
     p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], crlf("QUIT"), dict(ENV, **env))
     assert p.returncode == 0, p
     assert fields(p.stderr.decode().rstrip("\n"))["peer"] == peer, (env, p.stderr)
+
+
+def test_a_dash_the_client_sent_is_told_from_a_value_absent(binary):
+    # HELO -, MAIL FROM:-, RCPT TO:- against NOOP, NOOP, RCPT TO: (before:
+    # both logged helo=- mail=- rcpt=- rcpts=1).
+    sent = log_fields(run_pipe(binary, ["-H", "mx.test", "-l", "stderr"],
+                               crlf("HELO -", "MAIL FROM:-", "RCPT TO:-", "QUIT")).stderr)[0]
+    absent = log_fields(run_pipe(binary, ["-H", "mx.test", "-l", "stderr"],
+                                 crlf("NOOP", "NOOP", "RCPT TO:", "QUIT")).stderr)[0]
+    assert [sent[k] for k in ("helo", "mail", "rcpt", "rcpts")] == ["\\x2d"] * 3 + ["1"], sent
+    assert [absent[k] for k in ("helo", "mail", "rcpt", "rcpts")] == ["-"] * 3 + ["1"], absent
 
 
 def test_log_line_is_one_printable_line(binary):
@@ -300,7 +401,7 @@ BAD_OPTIONS = [
     ["-H", "a" * 256], ["-m", "line\r\nbreak"], ["-m", ""], ["-m", "bell\a"], ["-l", "file"], ["-r", "mail"],
     ["-s", "x"], ["-s", str(STRESS_AT[1] + 1)], ["-T", str(STRESS_TIMEOUT[0] - 1)], ["-T", "y"],
     ["-x"], ["--bogus"], ["-t"], ["extra-argument"],
-    ["-H", "n" * 255, "-m", "t" * 250],
+    ["-H", "n" * 255, "-m", "t" * 250], ["-r", "x\n<0>forged"], ["-l", "a\rb\nc"], ["-H", "del\x7fname"],
 ]
 
 
@@ -319,7 +420,11 @@ NAMED = [(["--close=yes"], "option '--close=yes' takes no value"),
          (["--bogus"], "unknown or ambiguous option '--bogus'"),
          (["--stress"], "unknown or ambiguous option '--stress'"),  # --stress-at or --stress-timeout
          (["-cx"], "unknown option '-x'"), (["--timeout"], "option '--timeout' needs a value"),
-         (["-t"], "option '-t' needs a value")]
+         (["-t"], "option '-t' needs a value"),
+         # Escaped as the log escapes: one line, whatever was typed.
+         (["-r", "x\n<0>forged\\"], "invalid --refuse-at 'x\\x0a<0>forged\\x5c': expected rcpt or greeting"),
+         (["-t", "\x1b[2J\u00ff"],  # UTF-8: c3 bf
+          f"invalid --timeout '\\x1b[2J\\xc3\\xbf': expected whole seconds from {TIMEOUT[0]} to {TIMEOUT[1]}")]
 
 
 @pytest.mark.parametrize("args,message", NAMED, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
@@ -356,6 +461,18 @@ def test_help_and_version(binary):
         assert opt in text, opt
     p = run_pipe(binary, ["-V"])
     assert p.returncode == 0 and p.stdout.startswith(b"smtp521 ") and p.stdout.count(b"\n") == 1
+
+
+def test_version_writes_what_it_formatted(tmp_path):
+    # -V formats into 64 octets: a longer version is cut there, and no
+    # octet past what was formatted goes out (before: 79 for a 70-character
+    # version, 15 of them from the stack).
+    version = "7" * 70
+    binary = str(tmp_path / "smtp521")
+    subprocess.run(["g++", "-std=c++17", "-O1", f'-DSMTP521_VERSION="{version}"', "-o", binary,
+                    os.path.join(ROOT, "smtp521.cpp")], check=True, capture_output=True, timeout=300)
+    p = run_pipe(binary, ["-V"])
+    assert p.returncode == 0 and p.stdout == (b"smtp521 " + version.encode())[:63], p.stdout
 
 
 def test_default_hostname_is_the_mailname_or_the_kernels(binary):
@@ -411,14 +528,18 @@ def fill_pipe():
     return r, w, fill(w)
 
 
-def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary):
+@pytest.mark.parametrize("blocked", [False, True], ids=["", "sigalrm-blocked"])
+def test_alarm_backstop_leaves_a_log_line_and_exits_0(binary, blocked):
     # The log target (stderr, a pipe nobody reads) blocks the session's log
     # line past the deadline.  The alarm, 2 s after it, must write its
-    # prepared line (end=alarm) and exit 0, not die of SIGALRM silently.
+    # prepared line (end=alarm) and exit 0, not die of SIGALRM silently;
+    # also when exec'ed with SIGALRM blocked (the mask survives exec).
     r, w, filled = fill_pipe()
     t0 = time.monotonic()
     p = subprocess.Popen([binary, "-H", "mx.test", "-t", "1", "-l", "stderr"], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=w, env=ENV)
+                         stdout=subprocess.DEVNULL, stderr=w, env=ENV,
+                         preexec_fn=(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})) if blocked
+                         else None)
     os.close(w)
     # Wait until the handler runs: the process, blocked in write(2) (1),
     # is then in poll(2) (7, or ppoll 271) waiting for the pipe.  Only then
@@ -504,12 +625,13 @@ def test_hostname_option_wins_over_etc_mailname(binary):
     assert p.stdout == GREET + BYE, p.stdout
 
 
-def in_fake_cgroup(binary, cgroup, pids, args):
+def in_fake_cgroup(binary, cgroup, pids, args, flooded_with=None):
     """Run the binary as PID 1 of a private PID and mount namespace whose
     /proc/self/cgroup reads `cgroup` and whose /sys/fs/cgroup holds
     `pids` as the pids.current of every cgroup `cgroup` names: the
     stress signal as systemd's cgroups give it, without systemd.  The
-    client sends nothing; returns the output and the log line's fields."""
+    client sends nothing, or, starved (see starved()), floods the session
+    with `flooded_with`; returns the output and the log line's fields."""
     d = tempfile.mkdtemp(prefix="smtp521-cgroup-")
     try:
         with open(os.path.join(d, "cgroup"), "w") as f:
@@ -523,14 +645,23 @@ def in_fake_cgroup(binary, cgroup, pids, args):
                 f.write(f"{pids}\n")
         script = 'mount -t proc proc /proc && mount --bind "$1/cgroup" /proc/1/cgroup && ' \
                  'mount --bind "$1/sys" /sys/fs/cgroup && shift && exec "$@"'
-        c = Child(shutil.which("unshare"), ["--mount", "--pid", "--fork", "--propagation", "unchanged", PRIVATE,
-                                            "sh", "-ec", script, "sh", d, binary, "-H", "mx.test", "-l", "stderr"]
-                  + args)
-        out = c.read_until_eof(timeout=30)
+        argv = [shutil.which("unshare"), "--mount", "--pid", "--fork", "--propagation", "unchanged", PRIVATE,
+                "sh", "-ec", script, "sh", d, binary, "-H", "mx.test", "-l", "stderr"] + args
+        c = Child(*(starved(argv[0], argv[1:]) if flooded_with else (argv[0], argv[1:])))
+        out = flood(c, flooded_with) if flooded_with else c.read_until_eof(timeout=30)
         assert c.wait(timeout=30) == 0, c.stderr
         return out, log_of(c)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# A hybrid host (cgroup v1 controllers beside the unified hierarchy), a
+# session of an IPv6 peer: 13 lines, the pids line last, past the first
+# 1,800 octets.
+IPV6_SESSION = "/smtp521.slice/smtp521@17-2001:db8:1234:5678:9abc:def0:1234:5678:25-2001:db8:8765:4321:fedc:ba98:7654:3210:61234.service"
+HYBRID = "0::/\n" + "".join(f"{n}:{c}:{IPV6_SESSION}\n" for n, c in enumerate(
+    ["name=systemd", "cpu,cpuacct", "blkio", "memory", "devices", "freezer", "net_cls,net_prio", "perf_event",
+     "hugetlb", "cpuset", "rdma"], start=2)) + f"1:pids:{IPV6_SESSION}\n"
 
 
 @pytest.mark.needs("root", "mountns")
@@ -546,8 +677,9 @@ def in_fake_cgroup(binary, cgroup, pids, args):
     ("0::/smtp521.slice/smtp521-t1.slice/smtp521@1.service\n", 40, True),
     ("0::/smtp521.slice/smtp521-t1.scope/smtp521@1.service\n", 40, False),
     ("0::/system.slice/foreign@1.service\n", 40, False),
+    (HYBRID, 40, True),
 ], ids=["v2-at-limit", "v2-below", "v1-pids", "scope", "no-instance", "root", "own-subslice", "subscope",
-        "foreign-slice"])
+        "foreign-slice", "hybrid-ipv6"])
 def test_stress_is_read_from_the_slices_pids(binary, cgroup, pids, stressed):
     # -s 32: a session that starts when its slice holds 32 or more is
     # under stress, and -T 1 ends it with a 521 (end=stress); else -t 2
@@ -558,3 +690,16 @@ def test_stress_is_read_from_the_slices_pids(binary, cgroup, pids, stressed):
         assert 1 <= float(log["duration"]) <= cut_by(1), log
     else:
         assert out == GREET and log["end"] == "timeout", (out, log)
+
+
+@pytest.mark.needs("root", "mountns")
+@pytest.mark.parametrize("payload", [ENDLESS_LINE, FLOOD_COMMANDS], ids=["endless-line", "commands"])
+def test_a_starved_session_fed_without_pause_is_cut_at_stress_deadline(binary, payload):
+    # Under stress, -T bounds the session whatever the client sends, and it
+    # ends as an idle one does: with the 521.  Not at -t's alarm (10 s).
+    out, log = in_fake_cgroup(binary, "0::/smtp521.slice/smtp521@1.service\n", 100,
+                              ["-s", "32", "-T", "1", "-t", "8", "-n", "100000"], flooded_with=payload)
+    assert log["end"] == "stress" and 1 <= float(log["duration"]) <= cut_by(1), log
+    # Every command answered, then the cut's 521: one line more.
+    assert out.startswith(GREET) and out.endswith(REFUSAL), (out[:100], out[-100:])
+    assert out.count(b"\r\n") == 1 + int(log["commands"]) + 1, (out.count(b"\r\n"), log)

@@ -17,7 +17,7 @@ import pytest
 
 import catch2
 from harness import (BYE, BYE_521, GREET, HERE, HOST_LIMIT, ROOT, Child, build, cgroup_hierarchies, cgroup_mounts, crlf,
-                     fields, need, wait_for)
+                     fields, need, read_to_eof, wait_for)
 
 BINARIES = [build("smtp521"), build("smtp521-asan")]
 # i386's glibc sends socket calls through socketcall(2), which the filter
@@ -425,6 +425,65 @@ def test_the_backstop_reaches_syslog_through_its_connected_socket(name, tmp_path
         listener.close()
         for filler, _ in fillers:
             filler.close()
+
+
+def alarm_pending(pid):
+    """SIGALRM has come and waits for delivery (the process is stopped)."""
+    with open(f"/proc/{pid}/status") as f:
+        status = f.read()
+    pending = int(re.search(r"^ShdPnd:\s+([0-9a-f]+)$", status, re.M).group(1), 16)
+    return pending & (1 << (signal.SIGALRM - 1))
+
+
+@pytest.mark.needs("root", "mountns")
+@pytest.mark.parametrize("name", BINARIES + [I386])
+def test_the_backstop_reaches_a_stream_syslog(name, tmp_path):
+    # /dev/log a stream socket (rsyslog, syslog-ng can be set up so): the
+    # datagram connect fails with EPROTOTYPE, and the backstop connects a
+    # stream, as glibc does.  The listener accepts and reads nothing until
+    # the process is gone; the session is held past its alarm (stopped, as
+    # a blocked log holds it), so the handler runs at SIGCONT.  Its line
+    # arrives framed as glibc frames it (glibc 2.36 seen: a NUL after it).
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    sock_path = str(tmp_path / "log.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(8)
+    argv = [os.path.join(HERE, "with-devlog"), str(dev), sock_path, binary_path(name), "-H", "mx.test", "-t", "1"]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=TRACED_ENV)
+    connections = []
+    try:
+        assert p.stdout.readline() == GREET
+        session = wait_for(lambda: [c for c in [p.pid] + children_of(p.pid) if comm(c).startswith("smtp521")],
+                           timeout=20)
+        assert session, "no smtp521 process"
+        os.kill(session[0], signal.SIGSTOP)
+        assert wait_for(lambda: alarm_pending(session[0]), timeout=20), "the alarm did not come"
+        os.kill(session[0], signal.SIGCONT)
+        assert p.wait(timeout=20) == 0
+        listener.setblocking(False)
+        while True:
+            try:
+                connections.append(listener.accept()[0])
+            except BlockingIOError:
+                break
+        received = b""
+        for c in connections:
+            received += read_to_eof(c, timeout=10)
+        messages = received.split(b"\0")
+        assert messages[-1] == b"", received  # every message ends in a NUL
+        alarms = [m.decode() for m in messages if b" end=alarm " in m]
+        assert len(alarms) == 1 and re.match(r"<22>smtp521\[\d+\]: peer=local end=alarm ", alarms[0]), received
+        assert fields(alarms[0])["sandbox"] == "on", alarms
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        listener.close()
+        for c in connections:
+            c.close()
 
 
 def children_of(pid):

@@ -402,6 +402,19 @@ TEST_CASE("client text in the log is escaped and bounded") {
     CHECK(line.find(" end=eof ") != std::string::npos);
 }
 
+TEST_CASE("a value that is just '-' is escaped: '-' means absent, and nothing else") {
+    Options o = make_options(Mode::rcpt);
+    Core a(o), b(o);
+    a.s.feed("HELO -\r\nMAIL FROM:-\r\nRCPT TO:-\r\nRCPT TO:--\r\n", a.out);
+    b.s.feed("NOOP\r\nNOOP\r\nRCPT TO:\r\nRCPT TO:x-\r\n", b.out);
+    LogLine la, lb;
+    format_log(la, a.s, EndReason::eof, 0, make_peer("local"), true);
+    format_log(lb, b.s, EndReason::eof, 0, make_peer("local"), true);
+    CHECK(la.view() ==
+          "peer=local end=eof commands=4 duration=0.000 helo=\\x2d mail=\\x2d rcpt=\\x2d,-- rcpts=2 sandbox=on");
+    CHECK(lb.view() == "peer=local end=eof commands=4 duration=0.000 helo=- mail=- rcpt=-,x- rcpts=2 sandbox=on");
+}
+
 // The worst case of every field at once: five 510-octet arguments of octets
 // that each escape to four, a fourth RCPT, a peer from a hostile
 // environment, the longest end reason and the longest duration.
@@ -501,6 +514,20 @@ TEST_CASE("argument_of takes the path or the first word") {
     }
 }
 
+// in_enum_order, which the tables' static_asserts rely on, tells a table out
+// of order or short of the enum.
+constexpr Command swapped[] = {
+    {"EHLO", Verb::ehlo}, {"HELO", Verb::helo}, {"MAIL", Verb::mail}, {"RCPT", Verb::rcpt},
+    {"RSET", Verb::rset}, {"NOOP", Verb::noop}, {"QUIT", Verb::quit},
+};
+constexpr Command short_of_quit[] = {
+    {"HELO", Verb::helo}, {"EHLO", Verb::ehlo}, {"MAIL", Verb::mail}, {"RCPT", Verb::rcpt},
+    {"RSET", Verb::rset}, {"NOOP", Verb::noop},
+};
+static_assert(!in_enum_order(swapped, &Command::verb, 1), "a table out of order is told");
+static_assert(!in_enum_order(short_of_quit, &Command::verb, 1), "a short table is told");
+static_assert(in_enum_order(commands, &Command::verb, 1), "the real table passes");
+
 TEST_CASE("option values are checked") {
     CHECK(valid_hostname("mx.example.org"));
     CHECK(valid_hostname("[192.0.2.1]"));
@@ -508,6 +535,10 @@ TEST_CASE("option values are checked") {
     CHECK_FALSE(valid_hostname("two words"));
     CHECK_FALSE(valid_hostname("tab\there"));
     CHECK_FALSE(valid_hostname(std::string(256, 'a')));
+    CHECK(valid_hostname(std::string(255, 'a')));
+    CHECK(valid_hostname("!~"));                  // 0x21 and 0x7e: printable
+    CHECK_FALSE(valid_hostname("del\x7fname"));   // DEL is a control
+    CHECK_FALSE(valid_hostname("caf\xc3\xa9"));
     CHECK(valid_message("does not accept mail"));
     CHECK_FALSE(valid_message("line\r\nbreak"));
     CHECK_FALSE(valid_message(""));
@@ -530,6 +561,10 @@ TEST_CASE("a reply longer than 512 octets is refused at start") {
     o.message = text;
     Replies replies;
     CHECK(build_replies(o, replies));  // the refusal: 10 + 255 + 1 + 240 + 2 = 508
+    std::string exact(244, 't');
+    o.message = exact;
+    CHECK(build_replies(o, replies));  // 512, RFC 5321 4.5.3.1.5's own limit
+    CHECK(replies[Verb::rcpt].length == max_reply);
     std::string longer(245, 't');
     o.message = longer;
     CHECK_FALSE(build_replies(o, replies));  // 513
@@ -564,6 +599,26 @@ TEST_CASE("the default host name: /etc/mailname's first line, else the kernel's"
         write_file(bad);
         CHECK(default_hostname(buffer, path.c_str()) == std::string_view(kernel_name));
     }
+    std::remove(path.c_str());
+    rmdir(dir);
+}
+
+TEST_CASE("for_each_line gives every line of a file, whatever its length, and skips one past the buffer") {
+    char dir[] = "/tmp/smtp521-unit-XXXXXX";
+    REQUIRE(mkdtemp(dir) != nullptr);
+    const std::string path = std::string(dir) + "/cgroup";
+    // Lines across read()'s chunks, one longer than any cgroup path, and a
+    // last line without LF.
+    const std::string long_line(CgroupLine::capacity + 1, 'x'), wide(1000, 'w');
+    const std::string text = "0::/\n" + wide + "\n" + long_line + "\n" + wide + "2\n1:pids:/last";
+    FILE* f = std::fopen(path.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fputs(text.c_str(), f);
+    std::fclose(f);
+    std::vector<std::string> lines;
+    CgroupLine line;
+    for_each_line(path.c_str(), line, [&](std::string_view l) { lines.emplace_back(l); });
+    CHECK(lines == std::vector<std::string>{"0::/", wide, wide + "2", "1:pids:/last"});
     std::remove(path.c_str());
     rmdir(dir);
 }
