@@ -201,12 +201,18 @@ def test_the_listen_address_drop_in_has_one_home():
 @pytest.mark.needs("man")
 def test_man_page_fits_its_reader():
     # A sysadmin's page: at most 300 lines at 80 columns; the numbers live
-    # in test/bench/RESULTS.md.
+    # in test/bench/RESULTS.md, which is not installed: the page does not
+    # cite it, and the installed units cite it as the source's.
     env = dict(os.environ, LC_ALL="C.UTF-8", MANROFFSEQ="", MANWIDTH="80", MANPAGER="cat", PAGER="cat")
     out = subprocess.run(["man", "-l", os.path.join(ROOT, "man", "smtp521.8")],
                          capture_output=True, text=True, check=True, env=env).stdout
     assert len(out.splitlines()) <= 300, len(out.splitlines())
-    assert "test/bench/RESULTS.md" in MAN and os.path.exists(os.path.join(TEST, "bench", "RESULTS.md"))
+    assert os.path.exists(os.path.join(TEST, "bench", "RESULTS.md"))
+    assert "test/" not in MAN and "RESULTS" not in MAN
+    for unit in ("smtp521.socket", "smtp521@.service", "smtp521.slice"):
+        text = " ".join(read(unit).replace("#", " ").split())
+        assert text.count("test/bench/RESULTS.md") == text.count("source, test/bench/RESULTS.md") + \
+            text.count("source's test/bench/RESULTS.md"), unit
 
 
 @pytest.mark.needs("mandoc")
