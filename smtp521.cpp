@@ -1248,6 +1248,7 @@ Options parse_options(int argc, char** argv) {
             options.hostname = arg;
             break;
         case 'm':
+            if (arg.empty()) usage_error("invalid --message '': expected text, printable ASCII, after the name");
             if (!valid_message(arg))
                 usage_error("invalid --message: expected printable ASCII text, no control characters (no CR or LF)");
             options.message = arg;

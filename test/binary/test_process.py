@@ -323,7 +323,9 @@ NAMED = [(["--close=yes"], "option '--close=yes' takes no value"),
          (["--stress"], "unknown or ambiguous option '--stress'"),  # --stress-at or --stress-timeout
          (["-cx"], "unknown option '-x'"), (["--timeout"], "option '--timeout' needs a value"),
          (["-t"], "option '-t' needs a value"),
-         (["-r", "ehlo"], "invalid --refuse-at 'ehlo': expected rcpt, helo or greeting")]
+         (["-r", "ehlo"], "invalid --refuse-at 'ehlo': expected rcpt, helo or greeting"),
+         (["-m", ""], "invalid --message '': expected text, printable ASCII, after the name"),
+         (["-m", "bell\a"], "invalid --message: expected printable ASCII text, no control characters (no CR or LF)")]
 
 
 @pytest.mark.parametrize("args,message", NAMED, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
