@@ -45,6 +45,7 @@
 #include <cstring>
 #include <iterator>
 #include <string_view>
+#include <utility>
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/lsan_interface.h>
 #endif
@@ -67,6 +68,7 @@ enum class Mode {
 };
 
 enum class LogTarget { syslog, stderr_, none };
+constexpr std::string_view log_target_names[] = {"syslog", "stderr", "none"};  // -l's values, in the enum's order
 
 struct Options {
     Mode mode = Mode::rcpt;
@@ -79,6 +81,7 @@ struct Options {
     // cut off after a few kilobytes of replies.
     int max_commands = 200;
     LogTarget log = LogTarget::syslog;
+    bool check = false;  // --check: check the options, print them and the greeting, exit
     // Stress (see stress_sessions() and the man page's "Under stress"): a
     // session that starts when its slice already runs this many sessions,
     // itself included, ends stress_timeout seconds after it began, with a
@@ -111,7 +114,7 @@ constexpr int exit_ok = 0, exit_usage = 64;
 constexpr const char* mailname_path = "/etc/mailname";
 
 constexpr std::string_view usage_text =
-    "usage: smtp521 [-c] [-r rcpt|helo|greeting] [-H name] [-m text]\n"
+    "usage: smtp521 [-cC] [-r rcpt|helo|greeting] [-H name] [-m text]\n"
     "               [-t seconds] [-n count] [-s sessions] [-T seconds]\n"
     "               [-l syslog|stderr|none] [-V] [-h]\n"
     "Answer one SMTP connection on stdin/stdout so that the sender returns\n"
@@ -140,6 +143,9 @@ constexpr std::string_view usage_text =
     "                           with a 521 (log: end=stress), 1-86400 (default 10)\n"
     "  -l, --log TARGET         session log line to syslog (default), stderr\n"
     "                           or none\n"
+    "  -C, --check              check the options (and that syslog takes\n"
+    "                           lines), print the settings and the greeting,\n"
+    "                           and exit: 0, or 64 and why\n"
     "  -V, --version            print the version and exit\n"
     "  -h, --help               print this help and exit\n"
     "An option given again overrides the earlier one; -r and -c set the same\n"
@@ -222,11 +228,18 @@ static_assert(in_enum_order(mode_names, &ModeName::mode, 0), "one name per Mode,
 
 constexpr std::string_view mode_name(Mode mode) { return mode_names[static_cast<std::size_t>(mode)].name; }
 
+constexpr std::size_t mode_name_max() {
+    std::size_t n = 0;
+    for (const ModeName& m : mode_names) n = std::max(n, m.name.size());
+    return n;
+}
+
 // The whole protocol of one mode, after rblsmtpd's smtpcommands[]: the
 // greeting, whether the session ends with it, and the reply to each verb.
 // `other` answers any other line, and an overlong one.  QUIT ends the
 // session after its reply (RFC 5321 4.1.1.10).
 struct Replies {
+    Mode mode = Mode::rcpt;  // for the log line
     Reply greeting;
     bool close_after_greeting = false;
     Reply to[verb_count];
@@ -265,6 +278,7 @@ bool build_replies(const Options& options, Replies& r) {
     const char* name = options.hostname.data();
     const char* text = options.message.data();
     bool fits = true;
+    r.mode = options.mode;
     r.close_after_greeting = options.mode == Mode::close;
     if (options.mode == Mode::rcpt) {
         fits &= format_reply(r.greeting, "220 %.*s ESMTP %.*s", nl, name, ml, text);
@@ -442,6 +456,7 @@ public:
     }
 
     bool ended() const { return end_ != EndReason::none; }
+    Mode mode() const { return replies_.mode; }
     EndReason end_reason() const { return end_; }
     int commands() const { return commands_; }
     const Argument& helo() const { return helo_; }
@@ -690,13 +705,14 @@ constexpr std::size_t duration_width = digits(LLONG_MAX / 1000) + std::string_vi
 constexpr std::size_t argument_field_max = cut_value_max(value_max);  // "-" when empty
 constexpr std::size_t rcpt_list_max = logged_rcpts * argument_field_max + (logged_rcpts - 1);  // commas
 constexpr std::size_t sandbox_field_max = std::string_view(" sandbox=off").size();
+constexpr std::size_t mode_field_max = std::string_view(" mode=").size() + mode_name_max();
 
 constexpr std::size_t log_line_max =
     std::string_view("peer=").size() + Peer::capacity + std::string_view(" end=").size() + end_name_max() +
     std::string_view(" commands=").size() + int_width + std::string_view(" duration=").size() + duration_width +
     std::string_view(" helo=").size() + argument_field_max + std::string_view(" mail=").size() +
     argument_field_max + std::string_view(" rcpt=").size() + rcpt_list_max + std::string_view(" rcpts=").size() +
-    int_width + sandbox_field_max;
+    int_width + sandbox_field_max + mode_field_max;
 using LogLine = Text<log_line_max>;
 
 // What glibc's syslog(3) puts before the line: "<PRI>Mmm dd hh:mm:ss ",
@@ -771,7 +787,12 @@ void add_argument(LogLine& log, const Argument& a) {
     add_escaped(log, a.view(), value_max, a.cut);
 }
 
-// peer= end= commands= duration= helo= mail= rcpt= rcpts= sandbox=
+// peer= end= commands= duration= helo= mail= rcpt= rcpts= sandbox= mode=
+//
+// mode= last, after the fields that came before it: the line says what the
+// client was told (a 521 greeting, a 521 to EHLO, or 250s up to the 521 to
+// RCPT) without the options of its day, which change (smtp521(8),
+// "Choosing the mode").
 void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, const Peer& peer, bool sandbox) {
     log.append("peer=");
     log.append(peer.view());
@@ -797,6 +818,8 @@ void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, c
     log.append(" rcpts=");
     add_number(log, s.rcpt_count());
     log.append(sandbox ? " sandbox=on" : " sandbox=off");
+    log.append(" mode=");
+    log.append(mode_name(s.mode()));
 }
 
 // Under inetd fds 0, 1 and 2 are all the connection; under systemd too,
@@ -1227,12 +1250,13 @@ Options parse_options(int argc, char** argv) {
         {"timeout", required_argument, nullptr, 't'},   {"max-commands", required_argument, nullptr, 'n'},
         {"stress-at", required_argument, nullptr, 's'}, {"stress-timeout", required_argument, nullptr, 'T'},
         {"log", required_argument, nullptr, 'l'},       {"version", no_argument, nullptr, 'V'},
-        {"help", no_argument, nullptr, 'h'},            {nullptr, 0, nullptr, 0},
+        {"help", no_argument, nullptr, 'h'},            {"check", no_argument, nullptr, 'C'},
+        {nullptr, 0, nullptr, 0},
     };
     Options options;
     opterr = 0;  // our own one-line messages, never getopt's
     int opt;
-    static const char short_options[] = ":r:cH:m:t:n:s:T:l:Vh";
+    static const char short_options[] = ":r:cCH:m:t:n:s:T:l:Vh";
     while ((opt = getopt_long(argc, argv, short_options, long_options, nullptr)) != -1) {
         const std::string_view arg = optarg != nullptr ? optarg : "";
         switch (opt) {
@@ -1277,12 +1301,14 @@ Options parse_options(int argc, char** argv) {
                 usage_error("invalid --stress-timeout '%.64s': expected whole seconds from %d to %d", optarg,
                             min_timeout, max_timeout);
             break;
-        case 'l':
-            if (arg == "syslog") options.log = LogTarget::syslog;
-            else if (arg == "stderr") options.log = LogTarget::stderr_;
-            else if (arg == "none") options.log = LogTarget::none;
-            else usage_error("invalid --log '%.64s': expected syslog, stderr or none", optarg);
+        case 'l': {
+            bool known = false;
+            for (std::size_t i = 0; i < std::size(log_target_names); ++i)
+                if (arg == log_target_names[i]) options.log = static_cast<LogTarget>(i), known = true;
+            if (!known) usage_error("invalid --log '%.64s': expected syslog, stderr or none", optarg);
             break;
+        }
+        case 'C': options.check = true; break;
         case 'V': {
             char text[64];
             int n = std::snprintf(text, sizeof text, "smtp521 %.*s\n", static_cast<int>(version.size()),
@@ -1336,6 +1362,56 @@ std::string_view default_hostname(Text<256>& buffer, const char* mailname) {
         if (valid_hostname(kernel)) return kernel;
     }
     return "localhost";
+}
+
+// --check: the options parsed and the replies built, as for a session (a
+// bad one has exited 64 by now).  Print the settings, then the greeting as
+// a sender reads it, and exit 0: for a sysadmin, and for smtp521.socket's
+// ExecStartPre=, so that a bad /etc/default/smtp521 fails the socket where
+// it shows rather than every session.  Unlike a session, it also fails if
+// the line would go to syslog but /dev/log takes nothing (no syslog daemon,
+// as in a container): a session would then write it to stderr, or, where
+// stderr is the connection (inetd), lose it unseen.
+int check(const Options& o, const Replies& replies) {
+    if (effective_target(o.log) == LogTarget::syslog) {
+        const sockaddr_un devlog{AF_UNIX, _PATH_LOG};
+        const int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        const int error = fd < 0 ? errno
+                          : connect(fd, reinterpret_cast<const sockaddr*>(&devlog), sizeof devlog) == 0 ? 0
+                                                                                                          : errno;
+        if (fd >= 0) close(fd);
+        if (error != 0)
+            usage_error("--log syslog: %s: %s: a session logs to stderr instead, or, where that is the connection "
+                        "(inetd), nowhere",
+                        _PATH_LOG, std::strerror(error));
+    }
+    Text<1024> out;
+    out.append("mode=");
+    out.append(mode_name(o.mode));
+    out.append(" hostname=");
+    out.append(o.hostname);
+    const std::pair<std::string_view, int> numbers[] = {{" timeout=", o.timeout_seconds},
+                                                        {" max-commands=", o.max_commands},
+                                                        {" stress-at=", o.stress_at},
+                                                        {" stress-timeout=", o.stress_timeout}};
+    for (const auto& [key, value] : numbers) {
+        out.append(key);
+        add_number(out, value);
+    }
+    out.append(" log=");
+    out.append(log_target_names[static_cast<std::size_t>(o.log)]);
+    out.append("\n");
+    std::string_view greeting = replies.greeting.view();
+    greeting.remove_suffix(2);  // CRLF
+    out.append(greeting);
+    out.append("\n");
+    for (std::string_view rest = out.view(); !rest.empty();) {
+        const ssize_t n = write(1, rest.data(), rest.size());
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return exit_usage;
+        rest.remove_prefix(static_cast<std::size_t>(n));
+    }
+    return exit_ok;
 }
 
 // ---------------------------------------------------------------- the stress signal
@@ -1431,6 +1507,7 @@ int main(int argc, char** argv) {
     Replies replies;
     if (!build_replies(options, replies))
         usage_error("--hostname and --message make a reply longer than %zu octets (RFC 5321 4.5.3.1.5)", max_reply);
+    if (options.check) return check(options, replies);
 
     // A vanished peer must give EPIPE, not death by SIGPIPE.
     struct sigaction ignore{};
@@ -1459,6 +1536,11 @@ int main(int argc, char** argv) {
         open_syslog();
         tzset();
         open_backstop_socket();
+        // /dev/log takes nothing (no syslog daemon, as in a container; the
+        // unit's RestrictAddressFamilies=none refuses the socket):
+        // syslog(3) would drop the line unseen.  Standard error takes it,
+        // unless it is the connection.
+        if (backstop.socket < 0 && !stderr_is_connection()) backstop.target = LogTarget::stderr_;
     }
     // The backstop, armed before the first byte to the client; its line
     // is ready long before the alarm can ring.

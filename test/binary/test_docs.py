@@ -122,7 +122,8 @@ def test_man_page_documents_the_log_fields_in_the_order_the_binary_writes_them(s
 
 def test_man_page_documents_every_exit_status(smtp521):
     statuses = {subprocess.run([smtp521] + args, input=b"QUIT\r\n", capture_output=True, timeout=30).returncode
-                for args in (["-l", "none"], ["-h"], ["-V"], ["--bogus"], ["-t", "0"], ["extra"])}
+                for args in (["-l", "none"], ["-h"], ["-V"], ["--bogus"], ["-t", "0"], ["extra"], ["-C", "-l", "none"],
+                             ["-C", "-t", "0"])}
     assert statuses == {0, 64}, statuses
     documented = set(int(s) for s in re.findall(r"^\.It (\d+)$", section(MAN, "EXIT STATUS"), re.M))
     assert documented == statuses, documented

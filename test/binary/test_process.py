@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, MODES, OK_MAIL, PRIVATE, REFUSAL, Child,
-                     crlf, current_syscall, cut_by, default_name, fields, fill, help_text, option_range)
+from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, MODES, OK_MAIL, PRIVATE, REFUSAL,
+                     SESSION_IN, SESSION_OUT, Child, Syslog, crlf, current_syscall, cut_by, default_name, fields, fill,
+                     help_text, option_range)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -304,6 +305,8 @@ BAD_OPTIONS = [
     ["-s", "x"], ["-s", str(STRESS_AT[1] + 1)], ["-T", str(STRESS_TIMEOUT[0] - 1)], ["-T", "y"],
     ["-x"], ["--bogus"], ["-t"], ["extra-argument"],
     ["-H", "n" * 255, "-m", "t" * 250],
+    # --check refuses what a session refuses, and says so the same way.
+    ["-C", "-t", "0"], ["--check", "-m", ""], ["-C", "-H", "n" * 255, "-m", "t" * 250], ["-C", "extra"],
 ]
 
 
@@ -577,3 +580,59 @@ def test_stress_cut_sends_each_modes_refusal(binary, mode):
                               ["-s", "32", "-T", "1", "-t", "60"] + args)
     assert out == greeting + refusal and log["end"] == "stress", (out, log)
     assert 1 <= float(log["duration"]) <= cut_by(1), log
+
+
+# ------------------------------------------------------------ --check
+
+def check_output(mode, greeting, log="stderr", name=b"mx.test", **values):
+    """What --check prints: the settings, then the greeting (with LF)."""
+    settings = {k: option_range(k)[2] for k in ("timeout", "max-commands", "stress-at", "stress-timeout")}
+    settings.update({k.replace("_", "-"): v for k, v in values.items()})
+    line = f"mode={mode} hostname={name.decode()} " + " ".join(f"{k}={v}" for k, v in settings.items())
+    return f"{line} log={log}\n".encode() + greeting.replace(b"mx.test", name).replace(b"\r\n", b"\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_check_prints_the_settings_and_the_greeting(binary, mode):
+    # --check parses every option and builds every reply as a session
+    # would, prints what it found, and exits 0; it reads no input and
+    # writes no log line.
+    args, greeting, _ = MODES[mode]
+    p = run_pipe(binary, ["--check", "-H", "mx.test", "-l", "stderr"] + args, crlf("QUIT"))
+    assert p.returncode == 0 and p.stderr == b"", p
+    assert p.stdout == check_output(mode, greeting), p.stdout
+
+
+def test_check_shows_the_values_given_and_the_default_name(binary):
+    p = run_pipe(binary, ["-t", "60", "-C", "-n", "5", "-s", "0", "-T", "3", "-l", "none", "-m", "no mail here"])
+    assert p.returncode == 0 and p.stderr == b"", p
+    assert p.stdout == check_output("rcpt", GREET.replace(b"does not accept mail", b"no mail here"), log="none",
+                                    name=default_name(), timeout=60, max_commands=5, stress_at=0,
+                                    stress_timeout=3), p.stdout
+
+
+@pytest.mark.needs("devlog")
+def test_without_dev_log_the_line_goes_to_stderr_and_check_fails(binary):
+    # A syslog socket that nobody reads: connect() is refused, as where
+    # no syslog daemon runs (a container).  syslog(3) would drop every
+    # line unseen: the session writes it to stderr instead, and --check
+    # fails (64), naming /dev/log.
+    log = Syslog()
+    try:
+        p = subprocess.run(log.prefix + [binary, "-C", "-H", "mx.test"], capture_output=True, timeout=30)
+        assert p.returncode == 0 and p.stdout == check_output("rcpt", GREET, log="syslog"), p
+        log.sock.close()
+        p = subprocess.run(log.prefix + [binary, "-H", "mx.test"], input=SESSION_IN, capture_output=True, timeout=30)
+        assert p.returncode == 0 and p.stdout == SESSION_OUT, p
+        assert fields(p.stderr.decode())["end"] == "quit", p.stderr
+        p = subprocess.run(log.prefix + [binary, "-C", "-H", "mx.test"], capture_output=True, timeout=30)
+        assert p.returncode == 64 and p.stdout == b"", p
+        assert p.stderr.decode().startswith("smtp521: --log syslog: /dev/log: Connection refused"), p.stderr
+        # Where stderr is the connection too (inetd), the line is lost:
+        # never sent to the client.
+        c = Child(log.prefix[0], log.prefix[1:] + [binary, "-H", "mx.test"], stderr_is_socket=True)
+        c.send(crlf("QUIT"))
+        assert c.read_until_eof() == GREET + BYE
+        assert c.wait() == 0
+    finally:
+        log.close()

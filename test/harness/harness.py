@@ -31,7 +31,7 @@ def crlf(*lines):
 
 # The log line's fields, in the order smtp521 writes them and smtp521(8),
 # LOGGING, documents them; those who parse the log rely on it.
-LOG_FIELDS = ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox"]
+LOG_FIELDS = ["peer", "end", "commands", "duration", "helo", "mail", "rcpt", "rcpts", "sandbox", "mode"]
 
 
 def fields(log_line):

@@ -412,7 +412,8 @@ TEST_CASE("what the log records of the client") {
     LogLine log;
     format_log(log, s, EndReason::eof, 1234, make_peer("local"), true);
     CHECK(log.view() ==
-          "peer=local end=eof commands=6 duration=1.234 helo=client.example mail=<a@b> rcpt=<r1@x>,<r2@x>,<r3@x> rcpts=4 sandbox=on");
+          "peer=local end=eof commands=6 duration=1.234 helo=client.example mail=<a@b> rcpt=<r1@x>,<r2@x>,<r3@x> rcpts=4 sandbox=on"
+          " mode=rcpt");
 }
 
 TEST_CASE("client text in the log is escaped and bounded") {
@@ -435,7 +436,7 @@ TEST_CASE("client text in the log is escaped and bounded") {
 // that each escape to four, a fourth RCPT, a peer from a hostile
 // environment, the longest end reason and the longest duration.
 TEST_CASE("the log line is bounded by construction: the worst case keeps every field") {
-    Options o = make_options(Mode::rcpt);
+    Options o = make_options(Mode::greeting);  // the longest name
     o.max_commands = max_commands_limit;
     Core core(o);
     Session& s = core.s;
@@ -463,10 +464,10 @@ TEST_CASE("the log line is bounded by construction: the worst case keeps every f
     // Every field is there (their order: test_docs), and the line ends
     // with the last one.
     for (const char* key : {"peer=", " end=write-error", " commands=6", " duration=", " helo=", " mail=", " rcpt=",
-                            " rcpts=4", " sandbox=off"})
+                            " rcpts=4", " sandbox=off", " mode=greeting"})
         CHECK(line.find(key) != std::string::npos);
-    CHECK(line.size() >= 20);
-    CHECK(line.substr(line.size() - 20) == " rcpts=4 sandbox=off");
+    CHECK(line.size() >= 34);
+    CHECK(line.substr(line.size() - 34) == " rcpts=4 sandbox=off mode=greeting");
     // Each client value is cut on an escape's boundary and marked.
     const std::string value = [] {
         std::string v;
@@ -503,7 +504,7 @@ TEST_CASE("the alarm's line is the session's, with end=alarm") {
     prepare_backstop(s, 302000, make_peer("local"));
     REQUIRE(backstop.ready >= 0);
     CHECK(backstop.message[backstop.ready].view() ==
-          "peer=local end=alarm commands=1 duration=302.000 helo=a mail=- rcpt=- rcpts=0 sandbox=off\n");
+          "peer=local end=alarm commands=1 duration=302.000 helo=a mail=- rcpt=- rcpts=0 sandbox=off mode=rcpt\n");
     const int first = backstop.ready;
     backstop.target = LogTarget::syslog;
     prepare_backstop(s, 1, make_peer("local"));
