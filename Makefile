@@ -247,20 +247,20 @@ INSTALLED_PATHS = -e 's|/usr/local/sbin/smtp521|$(SBINDIR)/smtp521|g' \
 	-e 's|/usr/local/lib/systemd/system/|$(UNITDIR)/|g' \
 	-e 's|/usr/local/share/doc/smtp521/|$(DOCDIR)/|g'
 
-# Install into $(DESTDIR)$(PREFIX); the service unit's ExecStart follows
-# SBINDIR, and the man page's footer gets the version.  The unit's user
-# (smtp521.sysusers, upstream's: a packager's sysusers.d gets it from
-# here, the Debian package by this install) is made at once when installing into this
+# Install into $(DESTDIR)$(PREFIX); the units' ExecStart= and
+# ExecStartPre= follow SBINDIR, and the man page's footer gets the version.
+# The unit's user (smtp521.sysusers, upstream's: a packager's sysusers.d
+# gets it from here, the Debian package by this install) is made at once
+# when installing into this
 # system; uninstall keeps it, as Debian does at purge.
 install: smtp521
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR)
 	install -m 755 smtp521 $(DESTDIR)$(SBINDIR)/smtp521
 	sed -e 's/^\.Os$$/.Os smtp521 $(VERSION)/' $(INSTALLED_PATHS) man/smtp521.8 > $(DESTDIR)$(MANDIR)/man8/smtp521.8
 	chmod 644 $(DESTDIR)$(MANDIR)/man8/smtp521.8
-	install -m 644 smtp521.socket smtp521.slice $(DESTDIR)$(UNITDIR)/
-	sed $(INSTALLED_PATHS) smtp521@.service \
-		> $(DESTDIR)$(UNITDIR)/smtp521@.service
-	chmod 644 $(DESTDIR)$(UNITDIR)/smtp521@.service
+	install -m 644 smtp521.slice $(DESTDIR)$(UNITDIR)/
+	for u in smtp521.socket smtp521@.service; do \
+		sed $(INSTALLED_PATHS) $$u > $(DESTDIR)$(UNITDIR)/$$u && chmod 644 $(DESTDIR)$(UNITDIR)/$$u || exit; done
 	sed $(INSTALLED_PATHS) inetd.conf.example \
 		> $(DESTDIR)$(DOCDIR)/inetd.conf.example
 	chmod 644 $(DESTDIR)$(DOCDIR)/inetd.conf.example

@@ -45,6 +45,7 @@
 #include <cstring>
 #include <iterator>
 #include <string_view>
+#include <utility>
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/lsan_interface.h>
 #endif
@@ -55,15 +56,19 @@ constexpr std::string_view version = SMTP521_VERSION;  // make: from VERSION
 
 // ---------------------------------------------------------------- options
 
-// When the refusal comes.  The default is `rcpt`; why is the man page's
-// "Why the default is not the 521 greeting".
+// When the refusal comes, latest first.  The default is `rcpt`; which to
+// choose, and why, is the man page's "Choosing the mode".  `count` is no
+// mode: it counts them, and stays last.
 enum class Mode {
     rcpt,      // 220 greeting, 250 to HELO/EHLO/MAIL, 521 5.3.2 from RCPT on
+    helo,      // 220 greeting, 521 to all but QUIT: EHLO, so STARTTLS, is refused
     greeting,  // RFC 1846 4.2 (b), RFC 7504 3: 521 greeting, 521 to all but QUIT
     close,     // RFC 1846 4.2 (a): 521 greeting, then close
+    count
 };
 
 enum class LogTarget { syslog, stderr_, none };
+constexpr std::string_view log_target_names[] = {"syslog", "stderr", "none"};  // -l's values, in the enum's order
 
 struct Options {
     Mode mode = Mode::rcpt;
@@ -76,6 +81,7 @@ struct Options {
     // cut off after a few kilobytes of replies.
     int max_commands = 200;
     LogTarget log = LogTarget::syslog;
+    bool check = false;  // --check: check the options, print them and the greeting, exit
     // Stress (see stress_sessions() and the man page's "Under stress"): a
     // session that starts when its slice already runs this many sessions,
     // itself included, ends stress_timeout seconds after it began, with a
@@ -108,15 +114,18 @@ constexpr int exit_ok = 0, exit_usage = 64;
 constexpr const char* mailname_path = "/etc/mailname";
 
 constexpr std::string_view usage_text =
-    "usage: smtp521 [-c] [-r rcpt|greeting] [-H name] [-m text] [-t seconds]\n"
-    "               [-n count] [-s sessions] [-T seconds]\n"
+    "usage: smtp521 [-cC] [-r rcpt|helo|greeting] [-H name] [-m text]\n"
+    "               [-t seconds] [-n count] [-s sessions] [-T seconds]\n"
     "               [-l syslog|stderr|none] [-V] [-h]\n"
     "Answer one SMTP connection on stdin/stdout so that the sender returns\n"
     "the mail at once: this host does not accept mail (RFC 1846, RFC 7504).\n"
     "\n"
-    "  -r, --refuse-at WHEN     rcpt (default): greet 220, refuse every RCPT\n"
-    "                           with 521 5.3.2; greeting: greet 521 and answer\n"
-    "                           521 to every command but QUIT (RFC 7504)\n"
+    "  -r, --refuse-at WHEN     rcpt (default): greet 220, accept HELO, EHLO,\n"
+    "                           MAIL, RSET and NOOP, refuse all else (RCPT\n"
+    "                           first) with 521 5.3.2; helo: greet 220, answer\n"
+    "                           521 to all but QUIT (EHLO first: for senders\n"
+    "                           that require TLS); greeting: greet 521 and\n"
+    "                           answer 521 to all but QUIT (RFC 7504)\n"
     "  -c, --close              greet 521 and close at once (RFC 1846 4.2 a)\n"
     "  -H, --hostname NAME      first word of every reply (default: the first\n"
     "                           line of /etc/mailname, else gethostname)\n"
@@ -134,6 +143,9 @@ constexpr std::string_view usage_text =
     "                           with a 521 (log: end=stress), 1-86400 (default 10)\n"
     "  -l, --log TARGET         session log line to syslog (default), stderr\n"
     "                           or none\n"
+    "  -C, --check              check the options (and that syslog takes\n"
+    "                           lines), print the settings and the greeting,\n"
+    "                           and exit: 0, or 64 and why\n"
     "  -V, --version            print the version and exit\n"
     "  -h, --help               print this help and exit\n"
     "An option given again overrides the earlier one; -r and -c set the same\n"
@@ -241,11 +253,29 @@ constexpr Command commands[] = {
 };
 static_assert(in_enum_order(commands, &Command::verb, 1), "one command per Verb but other, in the enum's order");
 
+// Each mode's name: -r's value (all but close's, which is -c).
+struct ModeName {
+    Mode mode;
+    std::string_view name;
+};
+constexpr ModeName mode_names[] = {
+    {Mode::rcpt, "rcpt"}, {Mode::helo, "helo"}, {Mode::greeting, "greeting"}, {Mode::close, "close"}};
+static_assert(in_enum_order(mode_names, &ModeName::mode, 0), "one name per Mode, in the enum's order");
+
+constexpr std::string_view mode_name(Mode mode) { return mode_names[static_cast<std::size_t>(mode)].name; }
+
+constexpr std::size_t mode_name_max() {
+    std::size_t n = 0;
+    for (const ModeName& m : mode_names) n = std::max(n, m.name.size());
+    return n;
+}
+
 // The whole protocol of one mode, after rblsmtpd's smtpcommands[]: the
 // greeting, whether the session ends with it, and the reply to each verb.
 // `other` answers any other line, and an overlong one.  QUIT ends the
 // session after its reply (RFC 5321 4.1.1.10).
 struct Replies {
+    Mode mode = Mode::rcpt;  // for the log line
     Reply greeting;
     bool close_after_greeting = false;  // build_replies() sets it, whatever this says
     Reply to[verb_count];
@@ -276,14 +306,15 @@ struct Replies {
 // section 4, every reply carries one but the greeting and the replies to
 // HELO and EHLO, whether or not the client used EHLO (section 4: "regardless
 // of whether or not EHLO is employed"; section 5: there is no negotiation).
-// X.3.2 is the code RFC 7504 pairs with 521.  The 521 modes offer no
-// extension (EHLO itself is refused), so none of their replies carries one.
+// X.3.2 is the code RFC 7504 pairs with 521.  The other modes refuse EHLO
+// itself, so they offer no extension, and none of their replies carries one.
 bool build_replies(const Options& options, Replies& r) {
     const int nl = static_cast<int>(options.hostname.size());
     const int ml = static_cast<int>(options.message.size());
     const char* name = options.hostname.data();
     const char* text = options.message.data();
     bool fits = true;
+    r.mode = options.mode;
     r.close_after_greeting = options.mode == Mode::close;
     if (options.mode == Mode::rcpt) {
         fits &= format_reply(r.greeting, "220 %.*s ESMTP %.*s", nl, name, ml, text);
@@ -297,9 +328,18 @@ bool build_replies(const Options& options, Replies& r) {
         fits &= format_reply(r[Verb::quit], "221 2.0.0 %.*s closing connection", nl, name);
     } else {
         // RFC 1846 4.2 (b), RFC 7504 3: 521 to every command but QUIT.
-        fits &= format_reply(r.greeting, "521 %.*s %.*s", nl, name, ml, text);
-        for (Reply& reply : r.to) reply = r.greeting;
+        fits &= format_reply(r[Verb::other], "521 %.*s %.*s", nl, name, ml, text);
+        for (Reply& reply : r.to) reply = r[Verb::other];
         fits &= format_reply(r[Verb::quit], "221 %.*s closing connection", nl, name);
+        // The helo mode greets with 220, so that a sender reads the 521 in
+        // reply to EHLO, where one that requires TLS looks for STARTTLS
+        // (RFC 3207 4), and one that a 521 greeting would make defer or
+        // try the next MX does not; the greeting does not say "ESMTP", as
+        // EHLO is refused.  The others greet with the 521.
+        if (options.mode == Mode::helo)
+            fits &= format_reply(r.greeting, "220 %.*s %.*s", nl, name, ml, text);
+        else
+            r.greeting = r[Verb::other];
     }
     return fits;
 }
@@ -452,6 +492,7 @@ public:
     }
 
     bool ended() const { return end_ != EndReason::none; }
+    Mode mode() const { return replies_.mode; }
     EndReason end_reason() const { return end_; }
     int commands() const { return commands_; }
     const Argument& helo() const { return helo_; }
@@ -716,13 +757,14 @@ constexpr std::size_t duration_width = digits(LLONG_MAX / 1000) + std::string_vi
 constexpr std::size_t argument_field_max = cut_value_max(value_max);  // "-" when empty
 constexpr std::size_t rcpt_list_max = logged_rcpts * argument_field_max + (logged_rcpts - 1);  // commas
 constexpr std::size_t sandbox_field_max = std::string_view(" sandbox=off").size();
+constexpr std::size_t mode_field_max = std::string_view(" mode=").size() + mode_name_max();
 
 constexpr std::size_t log_line_max =
     std::string_view("peer=").size() + Peer::capacity + std::string_view(" end=").size() + end_name_max() +
     std::string_view(" commands=").size() + int_width + std::string_view(" duration=").size() + duration_width +
     std::string_view(" helo=").size() + argument_field_max + std::string_view(" mail=").size() +
     argument_field_max + std::string_view(" rcpt=").size() + rcpt_list_max + std::string_view(" rcpts=").size() +
-    int_width + sandbox_field_max;
+    int_width + sandbox_field_max + mode_field_max;
 using LogLine = Text<log_line_max>;
 
 // What glibc's syslog(3) puts before the line: "<PRI>Mmm dd hh:mm:ss ",
@@ -798,7 +840,12 @@ void add_argument(LogLine& log, const Argument& a) {
     add_escaped(log, a.view(), value_max, a.cut);
 }
 
-// peer= end= commands= duration= helo= mail= rcpt= rcpts= sandbox=
+// peer= end= commands= duration= helo= mail= rcpt= rcpts= sandbox= mode=
+//
+// mode= last, after the fields that came before it: the line says what the
+// client was told (a 521 greeting, a 521 to EHLO, or 250s up to the 521 to
+// RCPT) without the options of its day, which change (smtp521(8),
+// "Choosing the mode").
 void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, const Peer& peer, bool sandbox) {
     log.append("peer=");
     log.append(peer.view());
@@ -824,6 +871,8 @@ void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, c
     log.append(" rcpts=");
     add_number(log, s.rcpt_count());
     log.append(sandbox ? " sandbox=on" : " sandbox=off");
+    log.append(" mode=");
+    log.append(mode_name(s.mode()));
 }
 
 // Under inetd fds 0, 1 and 2 are all the connection; under systemd too,
@@ -1269,6 +1318,16 @@ bool valid_message(std::string_view text) {
     return true;
 }
 
+// A mode by its name; false if none has it.
+bool parse_mode(std::string_view name, Mode& mode) {
+    for (const ModeName& m : mode_names)
+        if (m.name == name) {
+            mode = m.mode;
+            return true;
+        }
+    return false;
+}
+
 // Every option sets one field, and a later one overrides an earlier one:
 // -r and -c both set the mode.  -V and -h print and exit.
 Options parse_options(int argc, char** argv) {
@@ -1278,19 +1337,19 @@ Options parse_options(int argc, char** argv) {
         {"timeout", required_argument, nullptr, 't'},   {"max-commands", required_argument, nullptr, 'n'},
         {"stress-at", required_argument, nullptr, 's'}, {"stress-timeout", required_argument, nullptr, 'T'},
         {"log", required_argument, nullptr, 'l'},       {"version", no_argument, nullptr, 'V'},
-        {"help", no_argument, nullptr, 'h'},            {nullptr, 0, nullptr, 0},
+        {"help", no_argument, nullptr, 'h'},            {"check", no_argument, nullptr, 'C'},
+        {nullptr, 0, nullptr, 0},
     };
     Options options;
     opterr = 0;  // our own one-line messages, never getopt's
     int opt;
-    static const char short_options[] = ":r:cH:m:t:n:s:T:l:Vh";
+    static const char short_options[] = ":r:cCH:m:t:n:s:T:l:Vh";
     while ((opt = getopt_long(argc, argv, short_options, long_options, nullptr)) != -1) {
         const std::string_view arg = optarg != nullptr ? optarg : "";
         switch (opt) {
         case 'r':
-            if (arg == "rcpt") options.mode = Mode::rcpt;
-            else if (arg == "greeting") options.mode = Mode::greeting;
-            else usage_error("invalid --refuse-at '%.64s': expected rcpt or greeting", optarg);
+            if (arg == mode_name(Mode::close) || !parse_mode(arg, options.mode))
+                usage_error("invalid --refuse-at '%.64s': expected rcpt, helo or greeting", optarg);
             break;
         case 'c': options.mode = Mode::close; break;
         case 'H':
@@ -1300,6 +1359,7 @@ Options parse_options(int argc, char** argv) {
             options.hostname = arg;
             break;
         case 'm':
+            if (arg.empty()) usage_error("invalid --message '': expected text, printable ASCII, after the name");
             if (!valid_message(arg))
                 usage_error("invalid --message: expected printable ASCII text, no control characters (no CR or LF)");
             options.message = arg;
@@ -1328,12 +1388,14 @@ Options parse_options(int argc, char** argv) {
                 usage_error("invalid --stress-timeout '%.64s': expected whole seconds from %d to %d", optarg,
                             min_timeout, max_timeout);
             break;
-        case 'l':
-            if (arg == "syslog") options.log = LogTarget::syslog;
-            else if (arg == "stderr") options.log = LogTarget::stderr_;
-            else if (arg == "none") options.log = LogTarget::none;
-            else usage_error("invalid --log '%.64s': expected syslog, stderr or none", optarg);
+        case 'l': {
+            bool known = false;
+            for (std::size_t i = 0; i < std::size(log_target_names); ++i)
+                if (arg == log_target_names[i]) options.log = static_cast<LogTarget>(i), known = true;
+            if (!known) usage_error("invalid --log '%.64s': expected syslog, stderr or none", optarg);
             break;
+        }
+        case 'C': options.check = true; break;
         case 'V': {
             char text[64];
             int n = std::snprintf(text, sizeof text, "smtp521 %.*s\n", static_cast<int>(version.size()),
@@ -1388,6 +1450,56 @@ std::string_view default_hostname(Text<256>& buffer, const char* mailname) {
         if (valid_hostname(kernel)) return kernel;
     }
     return "localhost";
+}
+
+// --check: the options parsed and the replies built, as for a session (a
+// bad one has exited 64 by now).  Print the settings, then the greeting as
+// a sender reads it, and exit 0: for a sysadmin, and for smtp521.socket's
+// ExecStartPre=, so that a bad /etc/default/smtp521 fails the socket where
+// it shows rather than every session.  Unlike a session, it also fails if
+// the line would go to syslog but /dev/log takes nothing (no syslog daemon,
+// as in a container): a session would then write it to stderr, or, where
+// stderr is the connection (inetd), lose it unseen.
+int check(const Options& o, const Replies& replies) {
+    if (effective_target(o.log) == LogTarget::syslog) {
+        const sockaddr_un devlog{AF_UNIX, _PATH_LOG};
+        const int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        const int error = fd < 0 ? errno
+                          : connect(fd, reinterpret_cast<const sockaddr*>(&devlog), sizeof devlog) == 0 ? 0
+                                                                                                          : errno;
+        if (fd >= 0) close(fd);
+        if (error != 0)
+            usage_error("--log syslog: %s: %s: a session logs to stderr instead, or, where that is the connection "
+                        "(inetd), nowhere",
+                        _PATH_LOG, std::strerror(error));
+    }
+    Text<1024> out;
+    out.append("mode=");
+    out.append(mode_name(o.mode));
+    out.append(" hostname=");
+    out.append(o.hostname);
+    const std::pair<std::string_view, int> numbers[] = {{" timeout=", o.timeout_seconds},
+                                                        {" max-commands=", o.max_commands},
+                                                        {" stress-at=", o.stress_at},
+                                                        {" stress-timeout=", o.stress_timeout}};
+    for (const auto& [key, value] : numbers) {
+        out.append(key);
+        add_number(out, value);
+    }
+    out.append(" log=");
+    out.append(log_target_names[static_cast<std::size_t>(o.log)]);
+    out.append("\n");
+    std::string_view greeting = replies.greeting.view();
+    greeting.remove_suffix(2);  // CRLF
+    out.append(greeting);
+    out.append("\n");
+    for (std::string_view rest = out.view(); !rest.empty();) {
+        const ssize_t n = write(1, rest.data(), rest.size());
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return exit_usage;
+        rest.remove_prefix(static_cast<std::size_t>(n));
+    }
+    return exit_ok;
 }
 
 // ---------------------------------------------------------------- the stress signal
@@ -1511,6 +1623,7 @@ int main(int argc, char** argv) {
     Replies replies;
     if (!build_replies(options, replies))
         usage_error("--hostname and --message make a reply longer than %zu octets (RFC 5321 4.5.3.1.5)", max_reply);
+    if (options.check) return check(options, replies);
 
     // A vanished peer must give EPIPE, not death by SIGPIPE.
     struct sigaction ignore{};
@@ -1539,6 +1652,11 @@ int main(int argc, char** argv) {
         open_syslog();
         tzset();
         open_backstop_socket();
+        // /dev/log takes nothing (no syslog daemon, as in a container; the
+        // unit's RestrictAddressFamilies=none refuses the socket):
+        // syslog(3) would drop the line unseen.  Standard error takes it,
+        // unless it is the connection.
+        if (backstop.socket < 0 && !stderr_is_connection()) backstop.target = LogTarget::stderr_;
     }
     // The backstop, armed before the first byte to the client; its line
     // is ready long before the alarm can ring.

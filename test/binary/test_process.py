@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, ROOT, Child, crlf,
-                     current_syscall, cut_by, default_name, fields, fill, help_text, option_range, read_to_eof)
+from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, MODES, OK_MAIL, PRIVATE, REFUSAL, ROOT,
+                     SESSION_IN, SESSION_OUT, Child, Syslog, crlf, current_syscall, cut_by, default_name, fields, fill,
+                     help_text, option_range, read_to_eof)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -81,14 +82,17 @@ def test_close_mode_closes_after_greeting(binary):
     assert log_of(c)["end"] == "close"
 
 
-def test_silent_client_cut_at_deadline(binary):
+@pytest.mark.parametrize("mode", ["rcpt", "helo", "greeting"])
+def test_silent_client_cut_at_deadline(binary, mode):
     # RFC 1846 4.2: -t 1 closes at the deadline: not before it (the
-    # client's clock), not long after it (the session's own, its log).
-    c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"])
+    # client's clock), not long after it (the session's own, its log),
+    # with nothing sent after the greeting, in every mode that waits.
+    args, greeting, _ = MODES[mode]
+    c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"] + args)
     t0 = time.monotonic()
     out = c.read_until_eof(timeout=cut_by(1) + 10)
     took = time.monotonic() - t0
-    assert out == GREET
+    assert out == greeting
     assert took >= 0.9, took
     assert c.wait() == 0
     log = log_of(c)
@@ -402,6 +406,8 @@ BAD_OPTIONS = [
     ["-s", "x"], ["-s", str(STRESS_AT[1] + 1)], ["-T", str(STRESS_TIMEOUT[0] - 1)], ["-T", "y"],
     ["-x"], ["--bogus"], ["-t"], ["extra-argument"],
     ["-H", "n" * 255, "-m", "t" * 250], ["-r", "x\n<0>forged"], ["-l", "a\rb\nc"], ["-H", "del\x7fname"],
+    # --check refuses what a session refuses, and says so the same way.
+    ["-C", "-t", "0"], ["--check", "-m", ""], ["-C", "-H", "n" * 255, "-m", "t" * 250], ["-C", "extra"],
 ]
 
 
@@ -422,9 +428,12 @@ NAMED = [(["--close=yes"], "option '--close=yes' takes no value"),
          (["-cx"], "unknown option '-x'"), (["--timeout"], "option '--timeout' needs a value"),
          (["-t"], "option '-t' needs a value"),
          # Escaped as the log escapes: one line, whatever was typed.
-         (["-r", "x\n<0>forged\\"], "invalid --refuse-at 'x\\x0a<0>forged\\x5c': expected rcpt or greeting"),
+         (["-r", "x\n<0>forged\\"], "invalid --refuse-at 'x\\x0a<0>forged\\x5c': expected rcpt, helo or greeting"),
          (["-t", "\x1b[2J\u00ff"],  # UTF-8: c3 bf
-          f"invalid --timeout '\\x1b[2J\\xc3\\xbf': expected whole seconds from {TIMEOUT[0]} to {TIMEOUT[1]}")]
+          f"invalid --timeout '\\x1b[2J\\xc3\\xbf': expected whole seconds from {TIMEOUT[0]} to {TIMEOUT[1]}"),
+         (["-r", "ehlo"], "invalid --refuse-at 'ehlo': expected rcpt, helo or greeting"),
+         (["-m", ""], "invalid --message '': expected text, printable ASCII, after the name"),
+         (["-m", "bell\a"], "invalid --message: expected printable ASCII text, no control characters (no CR or LF)")]
 
 
 @pytest.mark.parametrize("args,message", NAMED, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
@@ -703,3 +712,72 @@ def test_a_starved_session_fed_without_pause_is_cut_at_stress_deadline(binary, p
     # Every command answered, then the cut's 521: one line more.
     assert out.startswith(GREET) and out.endswith(REFUSAL), (out[:100], out[-100:])
     assert out.count(b"\r\n") == 1 + int(log["commands"]) + 1, (out.count(b"\r\n"), log)
+
+
+@pytest.mark.needs("root", "mountns")
+@pytest.mark.parametrize("mode", ["rcpt", "helo", "greeting"])
+def test_stress_cut_sends_each_modes_refusal(binary, mode):
+    # The cut is the mode's answer to any command: after a 220 greeting
+    # (rcpt, helo) the client reads greeting and 521; after a 521 greeting,
+    # a second 521.  The deadline is -T's, the log says end=stress.
+    args, greeting, refusal = MODES[mode]
+    out, log = in_fake_cgroup(binary, "0::/smtp521.slice/smtp521@1.service\n", 32,
+                              ["-s", "32", "-T", "1", "-t", "60"] + args)
+    assert out == greeting + refusal and log["end"] == "stress", (out, log)
+    assert 1 <= float(log["duration"]) <= cut_by(1), log
+
+
+# ------------------------------------------------------------ --check
+
+def check_output(mode, greeting, log="stderr", name=b"mx.test", **values):
+    """What --check prints: the settings, then the greeting (with LF)."""
+    settings = {k: option_range(k)[2] for k in ("timeout", "max-commands", "stress-at", "stress-timeout")}
+    settings.update({k.replace("_", "-"): v for k, v in values.items()})
+    line = f"mode={mode} hostname={name.decode()} " + " ".join(f"{k}={v}" for k, v in settings.items())
+    return f"{line} log={log}\n".encode() + greeting.replace(b"mx.test", name).replace(b"\r\n", b"\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_check_prints_the_settings_and_the_greeting(binary, mode):
+    # --check parses every option and builds every reply as a session
+    # would, prints what it found, and exits 0; it reads no input and
+    # writes no log line.
+    args, greeting, _ = MODES[mode]
+    p = run_pipe(binary, ["--check", "-H", "mx.test", "-l", "stderr"] + args, crlf("QUIT"))
+    assert p.returncode == 0 and p.stderr == b"", p
+    assert p.stdout == check_output(mode, greeting), p.stdout
+
+
+def test_check_shows_the_values_given_and_the_default_name(binary):
+    p = run_pipe(binary, ["-t", "60", "-C", "-n", "5", "-s", "0", "-T", "3", "-l", "none", "-m", "no mail here"])
+    assert p.returncode == 0 and p.stderr == b"", p
+    assert p.stdout == check_output("rcpt", GREET.replace(b"does not accept mail", b"no mail here"), log="none",
+                                    name=default_name(), timeout=60, max_commands=5, stress_at=0,
+                                    stress_timeout=3), p.stdout
+
+
+@pytest.mark.needs("devlog")
+def test_without_dev_log_the_line_goes_to_stderr_and_check_fails(binary):
+    # A syslog socket that nobody reads: connect() is refused, as where
+    # no syslog daemon runs (a container).  syslog(3) would drop every
+    # line unseen: the session writes it to stderr instead, and --check
+    # fails (64), naming /dev/log.
+    log = Syslog()
+    try:
+        p = subprocess.run(log.prefix + [binary, "-C", "-H", "mx.test"], capture_output=True, timeout=30)
+        assert p.returncode == 0 and p.stdout == check_output("rcpt", GREET, log="syslog"), p
+        log.sock.close()
+        p = subprocess.run(log.prefix + [binary, "-H", "mx.test"], input=SESSION_IN, capture_output=True, timeout=30)
+        assert p.returncode == 0 and p.stdout == SESSION_OUT, p
+        assert fields(p.stderr.decode())["end"] == "quit", p.stderr
+        p = subprocess.run(log.prefix + [binary, "-C", "-H", "mx.test"], capture_output=True, timeout=30)
+        assert p.returncode == 64 and p.stdout == b"", p
+        assert p.stderr.decode().startswith("smtp521: --log syslog: /dev/log: Connection refused"), p.stderr
+        # Where stderr is the connection too (inetd), the line is lost:
+        # never sent to the client.
+        c = Child(log.prefix[0], log.prefix[1:] + [binary, "-H", "mx.test"], stderr_is_socket=True)
+        c.send(crlf("QUIT"))
+        assert c.read_until_eof() == GREET + BYE
+        assert c.wait() == 0
+    finally:
+        log.close()

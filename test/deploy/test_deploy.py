@@ -138,6 +138,11 @@ def test_units_say_what_they_must():
     # for nothing the filter and RestrictAddressFamilies= leave.
     assert "PrivateNetwork" not in svc
     assert svc["ExecStart"][0].split()[0] == "/usr/local/sbin/smtp521"
+    # The socket checks, before it listens, the very command line and
+    # options file of every session (--check, smtp521(8)).
+    program, *args = svc["ExecStart"][0].split()
+    assert sock["ExecStartPre"] == [" ".join([program, "--check"] + args)], sock["ExecStartPre"]
+    assert sock["EnvironmentFile"] == svc["EnvironmentFile"] == ["-/etc/default/smtp521"], sock
     # The unit's backstop must not cut a session before smtp521's own deadline.
     argv = svc["ExecStart"][0].split()
     timeout = int(argv[argv.index("-t") + 1]) if "-t" in argv else option_range("timeout")[2]
@@ -174,6 +179,8 @@ def test_install_and_uninstall_with_destdir(smtp521, tmp_path):
         assert os.stat(os.path.join(dest, path)).st_mode & 0o777 == mode, path
     svc = unit_settings(os.path.join(dest, "opt/s5/lib/systemd/system/smtp521@.service"))
     assert svc["ExecStart"][0].startswith("/opt/s5/sbin/smtp521 "), svc["ExecStart"]
+    sock = unit_settings(os.path.join(dest, "opt/s5/lib/systemd/system/smtp521.socket"))
+    assert sock["ExecStartPre"][0].startswith("/opt/s5/sbin/smtp521 --check "), sock["ExecStartPre"]
     with open(os.path.join(dest, "opt/s5/share/doc/smtp521/inetd.conf.example")) as f:
         assert "/opt/s5/sbin/smtp521" in f.read()
     make("uninstall", f"DESTDIR={dest}", "PREFIX=/opt/s5")

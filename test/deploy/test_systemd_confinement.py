@@ -309,7 +309,7 @@ def test_slice_holds_a_flood_to_its_cpu_quota(systemd):
 def test_environment_file_sets_options(systemd):
     port = free_port()
     sd = systemd(units(port))
-    sd.ctl("start", "smtp521.socket")
+    sd.ctl("start", "systemd-journald.socket", "systemd-journald.service", "smtp521.socket")
     # No /etc/default/smtp521: the `-` makes a missing file no error.
     out, _ = talk(port, SESSION_IN)
     assert out == OUT, out
@@ -328,8 +328,25 @@ def test_environment_file_sets_options(systemd):
     assert refused(port)
     failed = sd.failed("smtp521@*")
     assert len(failed) == 1 and "status=64" in sd.ctl("status", failed[0], check=False).stdout, failed
+    # The socket checks the options before it listens (ExecStartPre=, with
+    # --check): restarted, it fails at once and says why, and port 25 is
+    # closed rather than answered by sessions that all exit 64.
+    restart = sd.ctl("restart", "smtp521.socket", check=False)
+    assert restart.returncode != 0 and sd.state("smtp521.socket") == "failed", restart
+    said = lambda: [e["MESSAGE"] for e in sd.journal("-u", "smtp521.socket") if "MESSAGE" in e]  # noqa: E731
+    assert wait_for(lambda: any("unexpected argument 'mail'" in m for m in said())), said()
+    status = sd.ctl("status", "smtp521.socket", check=False).stdout
+    assert "status=64" in status, status
+    print(f"\n$ systemctl status smtp521.socket  # with a bad /etc/default/smtp521\n{status}")
+    with pytest.raises(ConnectionRefusedError):
+        talk(port, b"QUIT\r\n")
+    # Fixed, it starts again, and its check's summary is in its journal.
     os.unlink(sd.path("/etc/default/smtp521"))
     sd.ctl("reset-failed")
+    sd.ctl("start", "smtp521.socket")
+    out, _ = talk(port, b"QUIT\r\n")
+    assert out == (GREET + BYE).replace(b"mx.test", NAME), out
+    assert wait_for(lambda: any(m.startswith(f"mode=rcpt hostname={NAME.decode()} ") for m in said())), said()
 
     # A drop-in with a second ExecStart= (what a naive `systemctl edit`
     # gives): the service no longer loads, the first connection puts the
