@@ -55,12 +55,15 @@ constexpr std::string_view version = SMTP521_VERSION;  // make: from debian/chan
 
 // ---------------------------------------------------------------- options
 
-// When the refusal comes.  The default is `rcpt`; why is the man page's
-// "Why the default is not the 521 greeting".
+// When the refusal comes, latest first.  The default is `rcpt`; which to
+// choose, and why, is the man page's "Choosing the mode".  `count` is no
+// mode: it counts them, and stays last.
 enum class Mode {
     rcpt,      // 220 greeting, 250 to HELO/EHLO/MAIL, 521 5.3.2 from RCPT on
+    helo,      // 220 greeting, 521 to all but QUIT: EHLO, so STARTTLS, is refused
     greeting,  // RFC 1846 4.2 (b), RFC 7504 3: 521 greeting, 521 to all but QUIT
     close,     // RFC 1846 4.2 (a): 521 greeting, then close
+    count
 };
 
 enum class LogTarget { syslog, stderr_, none };
@@ -108,15 +111,18 @@ constexpr int exit_ok = 0, exit_usage = 64;
 constexpr const char* mailname_path = "/etc/mailname";
 
 constexpr std::string_view usage_text =
-    "usage: smtp521 [-c] [-r rcpt|greeting] [-H name] [-m text] [-t seconds]\n"
-    "               [-n count] [-s sessions] [-T seconds]\n"
+    "usage: smtp521 [-c] [-r rcpt|helo|greeting] [-H name] [-m text]\n"
+    "               [-t seconds] [-n count] [-s sessions] [-T seconds]\n"
     "               [-l syslog|stderr|none] [-V] [-h]\n"
     "Answer one SMTP connection on stdin/stdout so that the sender returns\n"
     "the mail at once: this host does not accept mail (RFC 1846, RFC 7504).\n"
     "\n"
-    "  -r, --refuse-at WHEN     rcpt (default): greet 220, refuse every RCPT\n"
-    "                           with 521 5.3.2; greeting: greet 521 and answer\n"
-    "                           521 to every command but QUIT (RFC 7504)\n"
+    "  -r, --refuse-at WHEN     rcpt (default): greet 220, accept HELO, EHLO,\n"
+    "                           MAIL, RSET and NOOP, refuse all else (RCPT\n"
+    "                           first) with 521 5.3.2; helo: greet 220, answer\n"
+    "                           521 to all but QUIT (EHLO first: for senders\n"
+    "                           that require TLS); greeting: greet 521 and\n"
+    "                           answer 521 to all but QUIT (RFC 7504)\n"
     "  -c, --close              greet 521 and close at once (RFC 1846 4.2 a)\n"
     "  -H, --hostname NAME      first word of every reply (default: the first\n"
     "                           line of /etc/mailname, else gethostname)\n"
@@ -205,6 +211,17 @@ constexpr Command commands[] = {
 };
 static_assert(in_enum_order(commands, &Command::verb, 1), "one command per Verb but other, in the enum's order");
 
+// Each mode's name: -r's value (all but close's, which is -c).
+struct ModeName {
+    Mode mode;
+    std::string_view name;
+};
+constexpr ModeName mode_names[] = {
+    {Mode::rcpt, "rcpt"}, {Mode::helo, "helo"}, {Mode::greeting, "greeting"}, {Mode::close, "close"}};
+static_assert(in_enum_order(mode_names, &ModeName::mode, 0), "one name per Mode, in the enum's order");
+
+constexpr std::string_view mode_name(Mode mode) { return mode_names[static_cast<std::size_t>(mode)].name; }
+
 // The whole protocol of one mode, after rblsmtpd's smtpcommands[]: the
 // greeting, whether the session ends with it, and the reply to each verb.
 // `other` answers any other line, and an overlong one.  QUIT ends the
@@ -240,8 +257,8 @@ struct Replies {
 // section 4, every reply carries one but the greeting and the replies to
 // HELO and EHLO, whether or not the client used EHLO (section 4: "regardless
 // of whether or not EHLO is employed"; section 5: there is no negotiation).
-// X.3.2 is the code RFC 7504 pairs with 521.  The 521 modes offer no
-// extension (EHLO itself is refused), so none of their replies carries one.
+// X.3.2 is the code RFC 7504 pairs with 521.  The other modes refuse EHLO
+// itself, so they offer no extension, and none of their replies carries one.
 bool build_replies(const Options& options, Replies& r) {
     const int nl = static_cast<int>(options.hostname.size());
     const int ml = static_cast<int>(options.message.size());
@@ -261,9 +278,18 @@ bool build_replies(const Options& options, Replies& r) {
         fits &= format_reply(r[Verb::quit], "221 2.0.0 %.*s closing connection", nl, name);
     } else {
         // RFC 1846 4.2 (b), RFC 7504 3: 521 to every command but QUIT.
-        fits &= format_reply(r.greeting, "521 %.*s %.*s", nl, name, ml, text);
-        for (Reply& reply : r.to) reply = r.greeting;
+        fits &= format_reply(r[Verb::other], "521 %.*s %.*s", nl, name, ml, text);
+        for (Reply& reply : r.to) reply = r[Verb::other];
         fits &= format_reply(r[Verb::quit], "221 %.*s closing connection", nl, name);
+        // The helo mode greets with 220, so that a sender reads the 521 in
+        // reply to EHLO, where one that requires TLS looks for STARTTLS
+        // (RFC 3207 4), and one that a 521 greeting would make defer or
+        // try the next MX does not; the greeting does not say "ESMTP", as
+        // EHLO is refused.  The others greet with the 521.
+        if (options.mode == Mode::helo)
+            fits &= format_reply(r.greeting, "220 %.*s %.*s", nl, name, ml, text);
+        else
+            r.greeting = r[Verb::other];
     }
     return fits;
 }
@@ -1182,6 +1208,16 @@ bool valid_message(std::string_view text) {
     return true;
 }
 
+// A mode by its name; false if none has it.
+bool parse_mode(std::string_view name, Mode& mode) {
+    for (const ModeName& m : mode_names)
+        if (m.name == name) {
+            mode = m.mode;
+            return true;
+        }
+    return false;
+}
+
 // Every option sets one field, and a later one overrides an earlier one:
 // -r and -c both set the mode.  -V and -h print and exit.
 Options parse_options(int argc, char** argv) {
@@ -1201,9 +1237,8 @@ Options parse_options(int argc, char** argv) {
         const std::string_view arg = optarg != nullptr ? optarg : "";
         switch (opt) {
         case 'r':
-            if (arg == "rcpt") options.mode = Mode::rcpt;
-            else if (arg == "greeting") options.mode = Mode::greeting;
-            else usage_error("invalid --refuse-at '%.64s': expected rcpt or greeting", optarg);
+            if (arg == mode_name(Mode::close) || !parse_mode(arg, options.mode))
+                usage_error("invalid --refuse-at '%.64s': expected rcpt, helo or greeting", optarg);
             break;
         case 'c': options.mode = Mode::close; break;
         case 'H':

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, OK_MAIL, PRIVATE, REFUSAL, Child, crlf,
-                     current_syscall, cut_by, default_name, fields, fill, help_text, option_range)
+from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, MODES, OK_MAIL, PRIVATE, REFUSAL, Child,
+                     crlf, current_syscall, cut_by, default_name, fields, fill, help_text, option_range)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -79,14 +79,17 @@ def test_close_mode_closes_after_greeting(binary):
     assert log_of(c)["end"] == "close"
 
 
-def test_silent_client_cut_at_deadline(binary):
+@pytest.mark.parametrize("mode", ["rcpt", "helo", "greeting"])
+def test_silent_client_cut_at_deadline(binary, mode):
     # RFC 1846 4.2: -t 1 closes at the deadline: not before it (the
-    # client's clock), not long after it (the session's own, its log).
-    c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"])
+    # client's clock), not long after it (the session's own, its log),
+    # with nothing sent after the greeting, in every mode that waits.
+    args, greeting, _ = MODES[mode]
+    c = Child(binary, ["-H", "mx.test", "-t", "1", "-l", "stderr"] + args)
     t0 = time.monotonic()
     out = c.read_until_eof(timeout=cut_by(1) + 10)
     took = time.monotonic() - t0
-    assert out == GREET
+    assert out == greeting
     assert took >= 0.9, took
     assert c.wait() == 0
     log = log_of(c)
@@ -319,7 +322,8 @@ NAMED = [(["--close=yes"], "option '--close=yes' takes no value"),
          (["--bogus"], "unknown or ambiguous option '--bogus'"),
          (["--stress"], "unknown or ambiguous option '--stress'"),  # --stress-at or --stress-timeout
          (["-cx"], "unknown option '-x'"), (["--timeout"], "option '--timeout' needs a value"),
-         (["-t"], "option '-t' needs a value")]
+         (["-t"], "option '-t' needs a value"),
+         (["-r", "ehlo"], "invalid --refuse-at 'ehlo': expected rcpt, helo or greeting")]
 
 
 @pytest.mark.parametrize("args,message", NAMED, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
@@ -558,3 +562,16 @@ def test_stress_is_read_from_the_slices_pids(binary, cgroup, pids, stressed):
         assert 1 <= float(log["duration"]) <= cut_by(1), log
     else:
         assert out == GREET and log["end"] == "timeout", (out, log)
+
+
+@pytest.mark.needs("root", "mountns")
+@pytest.mark.parametrize("mode", ["rcpt", "helo", "greeting"])
+def test_stress_cut_sends_each_modes_refusal(binary, mode):
+    # The cut is the mode's answer to any command: after a 220 greeting
+    # (rcpt, helo) the client reads greeting and 521; after a 521 greeting,
+    # a second 521.  The deadline is -T's, the log says end=stress.
+    args, greeting, refusal = MODES[mode]
+    out, log = in_fake_cgroup(binary, "0::/smtp521.slice/smtp521@1.service\n", 32,
+                              ["-s", "32", "-T", "1", "-t", "60"] + args)
+    assert out == greeting + refusal and log["end"] == "stress", (out, log)
+    assert 1 <= float(log["duration"]) <= cut_by(1), log

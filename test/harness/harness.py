@@ -63,7 +63,8 @@ def cut_by(timeout):
 
 # The replies of `-H mx.test`, the one home of their text outside the
 # scripted sessions (test/sessions) and unit.cpp: the rcpt mode's, then the
-# 521 modes' (no enhanced codes: RFC 2034 3 (4), no extension offered).
+# 521 modes' (no enhanced codes: RFC 2034 3 (4), no extension offered), and
+# -r helo's greeting (its replies are the 521 modes').
 GREET = b"220 mx.test ESMTP does not accept mail\r\n"
 EHLO = b"250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
 OK_MAIL = b"250 2.1.0 Ok\r\n"
@@ -71,6 +72,11 @@ REFUSAL = b"521 5.3.2 mx.test does not accept mail\r\n"
 BYE = b"221 2.0.0 mx.test closing connection\r\n"
 GREET_521 = b"521 mx.test does not accept mail\r\n"
 BYE_521 = b"221 mx.test closing connection\r\n"
+GREET_HELO = b"220 mx.test does not accept mail\r\n"
+# What each mode (-r WHEN, or -c) sends first, and then to any command
+# but QUIT (and to a session it cuts under stress).
+MODES = {"rcpt": (["-r", "rcpt"], GREET, REFUSAL), "helo": (["-r", "helo"], GREET_HELO, GREET_521),
+         "greeting": (["-r", "greeting"], GREET_521, GREET_521), "close": (["-c"], GREET_521, None)}
 TEXT = b"does not accept mail"  # the default --message, as in every reply above
 SESSION_IN = crlf("EHLO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<b@mx.test>", "QUIT")
 SESSION_OUT = GREET + EHLO + OK_MAIL + REFUSAL + BYE

@@ -1,7 +1,8 @@
 // libFuzzer target: arbitrary bytes, split at arbitrary points, through the
-// session core in every mode.  Input layout: byte 0 picks the mode and the
-// command limit, byte 1 seeds the split points, the rest is what the client
-// sends.  Any broken invariant aborts.
+// session core in every mode.  Input layout: byte 0 picks the mode (its
+// remainder by the number of modes, in mode_names' order) and the command
+// limit (the quotient; 0: no limit but the largest), byte 1 seeds the split
+// points, the rest is what the client sends.  Any broken invariant aborts.
 #define SMTP521_NO_MAIN
 #include "../../smtp521.cpp"
 
@@ -25,7 +26,8 @@ void require(bool ok, const char* what) {
 // 4.5.3.1.5); never a 4yz (RFC 5321 4.2.1: it would ask for a retry).
 // Enhanced status codes (RFC 2034 3 (4)) in the rcpt mode on every reply but
 // the greeting and HELO/EHLO's, whose class is the reply's; in the other
-// modes on none.
+// modes on none, and after the greeting every reply but QUIT's 221 is a
+// 521 (RFC 1846 4.2 (b), RFC 7504 3).
 void check_replies(std::string_view out, std::string_view& last_line, bool enhanced, bool& greeted) {
     while (!out.empty()) {
         std::size_t eol = out.find("\r\n");
@@ -43,6 +45,7 @@ void check_replies(std::string_view out, std::string_view& last_line, bool enhan
         if (enhanced && !exempt) require(coded, "an enhanced code, of the reply's class");
         if (!enhanced) require(!coded && line.find("ENHANCEDSTATUSCODES") == std::string_view::npos,
                                "no extension, no enhanced code");
+        if (!enhanced && greeted) require(head(line, 4) == "521 " || head(line, 4) == "221 ", "521 to all but QUIT");
         greeted = true;
         last_line = line;
         out = tail(out, eol + 2);
@@ -54,8 +57,9 @@ void check_replies(std::string_view out, std::string_view& last_line, bool enhan
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     if (size < 2) return 0;
     Options options;
-    options.mode = static_cast<Mode>(data[0] % 3);
-    options.max_commands = data[0] / 3 == 0 ? max_commands_limit : data[0] / 3;
+    constexpr std::size_t modes = std::size(mode_names);  // every mode, -r helo's included
+    options.mode = mode_names[data[0] % modes].mode;
+    options.max_commands = data[0] / modes == 0 ? max_commands_limit : static_cast<int>(data[0] / modes);
     options.hostname = "mx.test";
     std::uint32_t seed = data[1] * 2654435761u + 1;
     std::string_view input(reinterpret_cast<const char*>(data + 2), size - 2);

@@ -24,6 +24,14 @@ struct Result {
     int commands;
 };
 
+// Every mode, from the program's own table: a mode added there is tested
+// here.
+const std::vector<Mode> all_modes = [] {
+    std::vector<Mode> all;
+    for (const ModeName& m : mode_names) all.push_back(m.mode);
+    return all;
+}();
+
 Options make_options(Mode mode) {
     Options o;
     o.mode = mode;
@@ -74,6 +82,7 @@ Result drive(const Options& options, const std::string& input, std::size_t chunk
 
 const std::string greet_rcpt = "220 mx.test ESMTP does not accept mail\r\n";
 const std::string greet_521 = "521 mx.test does not accept mail\r\n";
+const std::string greet_helo = "220 mx.test does not accept mail\r\n";
 const std::string refusal = "521 5.3.2 mx.test does not accept mail\r\n";
 const std::string bye = "221 mx.test closing connection\r\n";
 const std::string bye_rcpt = "221 2.0.0 mx.test closing connection\r\n";
@@ -254,7 +263,7 @@ TEST_CASE("RFC 5321 4.2: no reply in any mode starts with 4") {
     for (const char* verb : {"HELO a", "EHLO a", "MAIL FROM:<a@b>", "RCPT TO:<a@b>", "DATA", "BDAT 10", "RSET",
                              "NOOP", "VRFY a", "EXPN a", "HELP", "STARTTLS", "AUTH LOGIN", "TURN", "ETRN x", ""})
         input += std::string(verb) + "\r\n";
-    for (Mode mode : {Mode::rcpt, Mode::greeting, Mode::close}) {
+    for (Mode mode : all_modes) {
         Result r = drive(make_options(mode), input);
         std::size_t pos = 0;
         int lines = 0;
@@ -268,6 +277,7 @@ TEST_CASE("RFC 5321 4.2: no reply in any mode starts with 4") {
             pos = eol + 2;
             ++lines;
         }
+        INFO(mode_name(mode));
         // The greeting and 16 replies; EHLO's is two lines in the rcpt mode.
         CHECK(lines == (mode == Mode::close ? 1 : mode == Mode::rcpt ? 18 : 17));
     }
@@ -297,10 +307,12 @@ TEST_CASE("RFC 2034 3 (4): in the rcpt mode every reply but the greeting and HEL
 }
 
 TEST_CASE("the 521 modes offer no extension and send no enhanced code") {
-    for (Mode mode : {Mode::greeting, Mode::close}) {
+    for (Mode mode : {Mode::helo, Mode::greeting, Mode::close}) {
+        INFO(mode_name(mode));
         Replies r;
         REQUIRE(build_replies(make_options(mode), r));
-        CHECK(r.greeting.view() == greet_521);
+        // -r helo greets with 220 (without "ESMTP": it refuses EHLO).
+        CHECK(r.greeting.view() == (mode == Mode::helo ? greet_helo : greet_521));
         CHECK(r.close_after_greeting == (mode == Mode::close));
         for (const Reply& reply : r.to) {
             INFO(reply.view());
@@ -308,8 +320,25 @@ TEST_CASE("the 521 modes offer no extension and send no enhanced code") {
             CHECK(reply.view().find("ENHANCEDSTATUSCODES") == std::string_view::npos);
         }
         CHECK(r[Verb::quit].view() == bye);
-        CHECK(r[Verb::ehlo].view() == greet_521);
+        // RFC 1846 4.2 (b), RFC 7504 3: 521 to every command but QUIT,
+        // EHLO and HELO first of all.
+        for (Verb v : {Verb::other, Verb::helo, Verb::ehlo, Verb::mail, Verb::rcpt, Verb::rset, Verb::noop})
+            CHECK(r[v].view() == greet_521);
     }
+}
+
+TEST_CASE("every mode has a name, and -r takes each but close's (-c)") {
+    for (Mode mode : all_modes) {
+        const std::string name(mode_name(mode));
+        INFO(name);
+        CHECK(!name.empty());
+        if (mode == Mode::close) continue;
+        CHECK(parse({"-r", name}).mode == mode);
+        CHECK(parse({"-c", "--refuse-at=" + name}).mode == mode);
+    }
+    CHECK(parse({"-r", "helo"}).mode == Mode::helo);
+    CHECK(parse({"-r", "helo", "-c"}).mode == Mode::close);
+    CHECK(parse({}).mode == Mode::rcpt);  // the default
 }
 
 TEST_CASE("RFC 1846 4.1: the name is the first word after the code") {
@@ -613,6 +642,8 @@ TEST_CASE("a stress cut sends the 521 that answers any command; a timeout sends 
     for (const Case& k : {Case{Mode::rcpt, true, "521 5.3.2 mx.test does not accept mail\r\n", EndReason::stress},
                           Case{Mode::greeting, true, "521 mx.test does not accept mail\r\n521 mx.test does not accept mail\r\n",
                                EndReason::stress},
+                          Case{Mode::helo, true, "521 mx.test does not accept mail\r\n", EndReason::stress},
+                          Case{Mode::helo, false, "", EndReason::timeout},
                           Case{Mode::rcpt, false, "", EndReason::timeout}}) {
         int sv[2];
         REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
@@ -633,6 +664,6 @@ TEST_CASE("a stress cut sends the 521 that answers any command; a timeout sends 
         std::string greeting(replies.greeting.view());
         INFO(got);
         CHECK(end == k.end);
-        CHECK(got == (k.mode == Mode::rcpt ? greeting + k.tail : k.tail));
+        CHECK(got == (k.mode != Mode::greeting ? greeting + k.tail : k.tail));
     }
 }
