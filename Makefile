@@ -195,8 +195,8 @@ check: smtp521 smtp521-asan test/unit/unit test/unit/unit-asan test/unit/seccomp
 test: smtp521 test/unit/unit test/unit/seccomp i386
 	$(PYTHON) -m pytest --build plain test/unit/test_unit.py test/binary/test_sessions.py test/binary/test_process.py
 
-# Real senders (Postfix, Exim, OpenSMTPD, sendmail, swaks, msmtp, curl,
-# smtplib), as they come and set to require TLS, against every mode.  It
+# Real senders (Postfix, Exim, OpenSMTPD, sendmail, nullmailer, swaks,
+# msmtp, curl, smtplib), as they come and set to require TLS, against every mode.  It
 # installs and replaces MTAs: run it on a test machine.  It writes
 # test/interop/interop-table.md from this and other releases' results;
 # `make readme` puts that table into README.md.

@@ -4,11 +4,13 @@ smtp521 runs under systemd-socket-activate in each mode on a loopback port.
 Each sender sends one message to a test domain routed there (no DNS), and
 the verdict is read from the sender itself: returned at once (a permanent
 failure on the first attempt), deferred (requeued), or delivered to the
-second host (for senders given two).  Postfix, Exim, OpenSMTPD and
-sendmail replace one another in Debian, so each is installed in its own
-phase, and at the end the machine is put back as it was found: the packages
-the suite installed are purged, those it displaced are reinstalled, and the
-files the MTAs' maintainer scripts create are restored; checks compare the
+second host (for senders given two).  Each sender runs as it comes and
+in its setting that requires TLS (RFC 3207).  Postfix, Exim, OpenSMTPD,
+sendmail and nullmailer replace one another in Debian, so each is
+installed in its own phase, and at the end the machine is put back as it
+was found: the packages the suite installed are purged, those it
+displaced are reinstalled, and the files the MTAs' maintainer scripts
+create are restored; checks compare the
 MTAs' privileged files, dpkg's stat overrides and the alternatives before
 and after.  The table records no ports, queue ids or dates, so that it comes
 out the same on every run.  This suite installs and removes MTAs and
@@ -118,6 +120,7 @@ PRIVILEGED = {
                     "/var/spool/postfix/public": "2710 postfix:postdrop"} if RELEASE == "12" else {})},
     "Exim": {"/usr/sbin/exim4": "4755 root:root"},
     "OpenSMTPD": {"/usr/sbin/smtpctl": "2755 root:opensmtpq"},
+    "nullmailer": {"/usr/sbin/nullmailer-queue": "4755 mail:root"},
     "sendmail": {"/usr/libexec/sendmail/sendmail": "2755 root:smmsp",
                  "/usr/libexec/sendmail/mailstats": "2755 root:smmsp",
                  "/var/spool/mqueue": "2750 smmta:smmsp", "/var/spool/mqueue-client": "2770 smmsp:smmsp"},
@@ -912,6 +915,65 @@ def returned(d, rcpt):
     return None
 
 
+# ------------------------------------------------------------ nullmailer
+
+NULLMAILER_SPOOL = "/var/spool/nullmailer"
+
+
+def nullmailer_phase(r):
+    run(["debconf-set-selections"], input="nullmailer shared/mailname string sender.test\n")
+    apt_install("nullmailer")
+    mta_installed("nullmailer", "nullmailer")
+    ver = version("nullmailer")
+    with open("/etc/nullmailer/me", "w") as f:
+        f.write("sender.test\n")
+    for two, tls, setting in ((False, False, "default"), (False, True, "`--starttls` in remotes"),
+                              (True, False, "two destinations"), (True, True, "two destinations, `--starttls`")):
+        for mode, _ in MODES:
+            verdict, detail = nullmailer_send(r, mode, two, tls)
+            record("nullmailer", ver, setting, mode, verdict, detail)
+            if mode == "rcpt" and not two and not tls:
+                checks.append(("nullmailer default [rcpt] returns the mail at once",
+                               verdict == "returned at once", detail))
+
+
+def nullmailer_send(r, mode, two, tls):
+    """One message through nullmailer-send, run in the foreground for its
+    first pass over a queue that holds only this message."""
+    for sub in ("queue", "failed", "tmp"):
+        path = os.path.join(NULLMAILER_SPOOL, sub)
+        for entry in os.listdir(path) if os.path.isdir(path) else []:
+            os.remove(os.path.join(path, entry))
+    # --insecure: the sink's certificate is made for the run; smtp521 never
+    # gets that far.
+    options = f" smtp --port={r.port[mode]}" + (" --starttls --insecure" if tls else "")
+    with open("/etc/nullmailer/remotes", "w") as f:
+        f.write(f"127.0.0.1{options}\n" + (f"127.0.0.2{options}\n" if two else ""))
+    rcpt = recipient(f"{mode}.test.invalid")
+    p = run(["/usr/sbin/sendmail", "-f", SENDER, rcpt], input=MESSAGE.decode(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = []
+    proc = subprocess.Popen(["nullmailer-send"], user="mail", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        # Its first pass ends with "Delivery complete, N message(s) remain."
+        reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+        reader.start()
+        wait_for(lambda: any(line.startswith("Delivery complete") for line in out), 60)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    said = [line.strip() for line in out if line.startswith(("smtp: ", "Sending failed"))]
+    detail = " / ".join(said) or "".join(out)[-200:]
+    if rcpt in r.delivered:
+        return "moved to the 2nd host", detail
+    if any(line.startswith("Generating bounce") for line in out):
+        return "returned at once", detail
+    queued = any(rcpt in open(os.path.join(NULLMAILER_SPOOL, "queue", name), errors="replace").read()
+                 for name in os.listdir(os.path.join(NULLMAILER_SPOOL, "queue")))
+    return ("deferred" if queued else "gone from the queue"), detail
+
+
 # ------------------------------------------------------------ the daemons
 
 POLICY = "/usr/sbin/policy-rc.d"
@@ -965,7 +1027,7 @@ def load_results():
 
 
 # The MTAs first: what a host's mail comes from.
-SENDERS = ["Postfix", "Exim", "OpenSMTPD", "sendmail", "swaks", "msmtp", "curl", "python smtplib"]
+SENDERS = ["Postfix", "Exim", "OpenSMTPD", "sendmail", "nullmailer", "swaks", "msmtp", "curl", "python smtplib"]
 
 
 def table(results):
@@ -1001,7 +1063,7 @@ def table(results):
            " | ".join(MODE_TITLES[m] for m in modes) + " |",
            "|---" * (2 + len(releases) + len(modes)) + "|"]
     for (sender, row), settings in lines.items():
-        line = [sender, " and ".join(settings)] + [versions.get((sender, r), "-") for r in releases] + list(row)
+        line = [sender, " and ".join(filter(None, [", ".join(settings[:-1]), settings[-1]]))] + [versions.get((sender, r), "-") for r in releases] + list(row)
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in line) + " |")
     for words_, where in relay.items():
         out.append("")
@@ -1046,7 +1108,7 @@ def main(binary):
         r = Responders(binary)
         phases = [("direct clients", lambda: direct_clients(r)), ("Postfix", lambda: postfix_phase(r, binary)),
                   ("Exim", lambda: exim_phase(r)), ("OpenSMTPD", lambda: opensmtpd_phase(r)),
-                  ("sendmail", lambda: sendmail_phase(r))]
+                  ("sendmail", lambda: sendmail_phase(r)), ("nullmailer", lambda: nullmailer_phase(r))]
         # For work on some phases: SMTP521_INTEROP_ONLY=Exim,sendmail (the
         # results file then holds their rows only).
         only = os.environ.get("SMTP521_INTEROP_ONLY")
