@@ -213,12 +213,18 @@ check: smtp521 smtp521-asan test/unit/unit test/unit/unit-asan test/unit/seccomp
 test: smtp521 test/unit/unit test/unit/seccomp i386
 	$(PYTHON) -m pytest --build plain test/unit/test_unit.py test/binary/test_sessions.py test/binary/test_process.py
 
-# Real senders (Postfix, Exim, OpenSMTPD, swaks, msmtp, smtplib, curl)
-# against every mode.  It installs and replaces MTAs: run it on a test
-# machine.  It writes test/interop/interop-table.md; `make readme` puts that table
-# into README.md.
+# Real senders (Postfix, Exim, OpenSMTPD, sendmail, nullmailer, swaks,
+# msmtp, curl, smtplib), as they come and set to require TLS, against every mode.  It
+# installs and replaces MTAs: run it on a test machine.  It writes
+# test/interop/interop-table.md from this and other releases' results;
+# `make readme` puts that table into README.md.
 interop: smtp521
 	$(PYTHON) test/interop/interop.py
+
+# The same on another release's senders, in a chroot of it; its results
+# join this release's in the table (test/scripts/interop-in-chroot).
+interop-in:
+	test/scripts/interop-in-chroot $(SUITE)
 
 # Per-session time and memory as ratios to a static C floor measured in
 # the same run, and to rblsmtpd, and what the link costs: each smtp521
@@ -361,4 +367,4 @@ clean:
 	rm -rf test/bench/out $(COVDIR)
 	rm -f smtp521-*.tar.gz smtp521-*.tar.gz.*tmp MANIFEST.*.tmp
 
-.PHONY: all autopkgtest check check-in coverage mutation test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop readme bench fuzz dist deb deb-check deb-cross
+.PHONY: all autopkgtest check check-in coverage mutation test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop interop-in readme bench fuzz dist deb deb-check deb-cross
