@@ -45,8 +45,8 @@ LDLIBGCC = -static-libgcc
 # default linked dynamically against glibc, which is all it needs: the
 # program throws nothing and allocates nothing, so the linker drops
 # libstdc++ (readelf -d: NEEDED libc.so.6 alone, and, on arm64, armel,
-# armhf and riscv64, the loader, which holds the stack protector's guard
-# there), and a glibc security update reaches it without a rebuild (Debian
+# armhf, loong64 and riscv64, the loader, which holds the stack
+# protector's guard there), and a glibc security update reaches it without a rebuild (Debian
 # Policy 10.1: no static glibc).  A static PIE starts about 0.1 ms sooner
 # (make bench, test/bench/RESULTS.md, "The link"), under 2% of what a
 # session costs under the shipped unit: not worth a binary that keeps a
@@ -75,12 +75,13 @@ smtp521-static-pie: smtp521.cpp VERSION
 # `make qemu-check ARCH=...` boots ARCH's own Debian kernel in qemu and
 # proves the build and its filter there (test/arch/run).  i386 is tested
 # this way too: a host kernel may refuse i386 binaries.
-ARCHS = amd64 arm64 armel armhf i386 ppc64el riscv64 s390x
+ARCHS = amd64 arm64 armel armhf i386 loong64 ppc64el riscv64 s390x
 TRIPLET_amd64   = x86_64-linux-gnu
 TRIPLET_arm64   = aarch64-linux-gnu
 TRIPLET_armel   = arm-linux-gnueabi
 TRIPLET_armhf   = arm-linux-gnueabihf
 TRIPLET_i386    = i686-linux-gnu
+TRIPLET_loong64 = loongarch64-linux-gnu
 TRIPLET_ppc64el = powerpc64le-linux-gnu
 TRIPLET_riscv64 = riscv64-linux-gnu
 TRIPLET_s390x   = s390x-linux-gnu
@@ -88,8 +89,8 @@ cross_cxx = $(TRIPLET_$(1))-g++
 
 # A cross build runs where ARCH's libc may be missing (the host's i386
 # tests, the qemu guests): static PIE where the cross toolchain has rcrt1.o
-# (amd64, arm64, i386), else a dynamic PIE, whose loader and libc
-# test/arch/run puts into the guest.  The Debian package is dynamic on
+# (amd64, arm64, i386, and Debian 14's loong64), else a dynamic PIE, whose
+# loader and libc test/arch/run puts into the guest.  The Debian package is dynamic on
 # every architecture (make deb-cross).
 cross: $(ARCHS:%=smtp521-%)
 
@@ -353,6 +354,14 @@ SUITE ?= trixie
 check-in:
 	test/scripts/check-in-chroot $(SUITE) $(CHECK)
 
+# ARCH's cross build, qemu-check and deb-cross in a fresh Debian chroot
+# of the release its kernel comes from, or of SUITE if given, for an
+# architecture this machine's release cannot build or boot (loong64
+# before Debian 14): make cross-in ARCH=loong64
+# (test/scripts/cross-in-chroot).  Needs root.
+cross-in:
+	test/scripts/cross-in-chroot $(ARCH) $(if $(filter file,$(origin SUITE)),,$(SUITE))
+
 # The package's DEP-8 tests (debian/tests/) under autopkgtest, in podman
 # containers of a Debian release: this machine's release, or SUITE's if
 # given (make autopkgtest SUITE=trixie); in each of TESTBEDS (default both:
@@ -367,4 +376,4 @@ clean:
 	rm -rf test/bench/out $(COVDIR)
 	rm -f smtp521-*.tar.gz smtp521-*.tar.gz.*tmp MANIFEST.*.tmp
 
-.PHONY: all autopkgtest check check-in coverage mutation test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop interop-in readme bench fuzz dist deb deb-check deb-cross
+.PHONY: all autopkgtest check check-in cross-in coverage mutation test i386 cross qemu qemu-check fuzz-if-clang clean install uninstall interop interop-in readme bench fuzz dist deb deb-check deb-cross

@@ -1088,6 +1088,17 @@ constexpr std::array<int, 0> arch_syscalls{};
 #elif defined(__riscv) && __riscv_xlen == 64
 constexpr std::uint32_t audit_arch = AUDIT_ARCH_RISCV64;
 constexpr std::array<int, 0> arch_syscalls{};
+#elif defined(__loongarch64) && defined(__loongarch_lp64)
+// LoongArch's audit number, where linux/audit.h predates it (Linux 5.19):
+// its ELF machine (EM_LOONGARCH, 258), 64-bit, little endian.
+#ifndef AUDIT_ARCH_LOONGARCH64
+#define AUDIT_ARCH_LOONGARCH64 (258u | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE)
+#endif
+static_assert(AUDIT_ARCH_LOONGARCH64 == (258u | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE), "EM_LOONGARCH is 258");
+constexpr std::uint32_t audit_arch = AUDIT_ARCH_LOONGARCH64;
+// The generic call table (asm-generic/unistd.h), as on arm64 and riscv64:
+// no poll (glibc's is ppoll), nothing beyond the list above.
+constexpr std::array<int, 0> arch_syscalls{};
 #else
 constexpr std::uint32_t audit_arch = 0;  // unknown: no sandbox (sandbox=off)
 constexpr std::array<int, 0> arch_syscalls{};
@@ -1116,7 +1127,7 @@ constexpr bool sanitized =
 #if defined(SYS_readlink)
 constexpr int sanitizer_readlink = SYS_readlink;
 #else
-constexpr int sanitizer_readlink = SYS_readlinkat;  // arm64, riscv64 have no readlink
+constexpr int sanitizer_readlink = SYS_readlinkat;  // arm64, riscv64, loong64 have no readlink
 #endif
 #if defined(__LP64__)
 constexpr int sanitizer_mmap = SYS_mmap;

@@ -7,6 +7,7 @@ session gives the same bytes on a pipe and on TCP, the filter is on
 (Seccomp: 2, sandbox=on), no call of a session is refused, and
 test/unit/seccomp.cpp passes.  This is also what proves i386 on a host whose
 kernel refuses i386 binaries."""
+import glob
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import subprocess
 
 import pytest
 
-from harness import ROOT, TEST
+from harness import HOST_LIMIT, ROOT, TEST
 
 RUN = os.path.join(TEST, "arch", "run")
 
@@ -29,13 +30,16 @@ def makefile_archs():
 
 
 ARCHS, TRIPLETS = makefile_archs()
-# ARCH -> the qemu-system program test/arch/run boots it with.
-QEMU = dict(line.split() for line in subprocess.run([RUN, "--list"], capture_output=True, text=True,
-                                                     check=True).stdout.splitlines())
+# ARCH -> the qemu-system program test/arch/run boots it with, and the
+# firmware files it needs, with their Debian packages.
+QEMU, FIRMWARE = {}, {}
+for line in subprocess.run([RUN, "--list"], capture_output=True, text=True, check=True).stdout.splitlines():
+    arch, program, *files = line.split()
+    QEMU[arch], FIRMWARE[arch] = program, [f.split("=", 1) for f in files]
 # ELF e_machine, class (1: 32-bit, 2: 64-bit), data (1: little, 2: big
 # endian), and for ARM the float ABI in e_flags.
 ELF = {"amd64": (62, 2, 1), "i386": (3, 1, 1), "arm64": (183, 2, 1), "armel": (40, 1, 1), "armhf": (40, 1, 1),
-       "ppc64el": (21, 2, 1), "riscv64": (243, 2, 1), "s390x": (22, 2, 2)}
+       "loong64": (258, 2, 1), "ppc64el": (21, 2, 1), "riscv64": (243, 2, 1), "s390x": (22, 2, 2)}
 EF_ARM_ABI_FLOAT_SOFT, EF_ARM_ABI_FLOAT_HARD = 0x200, 0x400
 
 
@@ -43,14 +47,38 @@ def compiler(arch):
     return f"{TRIPLETS[arch]}-g++"
 
 
+def release_architectures():
+    """The architectures of this machine's Debian release, from its
+    archive's Release file in apt's lists; None where apt has none."""
+    with open("/etc/os-release") as f:
+        codename = re.search(r"^VERSION_CODENAME=(\S+)$", f.read(), re.M)
+    for path in glob.glob("/var/lib/apt/lists/*InRelease") + glob.glob("/var/lib/apt/lists/*_Release"):
+        with open(path, errors="replace") as f:
+            text = f.read()
+        archs = re.search(r"^Architectures: (.*)$", text, re.M)
+        if codename and archs and re.search(rf"^Codename: {codename[1]}$", text, re.M):
+            return set(archs[1].split())
+    return None
+
+
 def params(need_qemu=False):
     out = []
+    release = release_architectures()
     for arch in ARCHS:
         reason = None
-        if not shutil.which(compiler(arch)):
+        if not shutil.which(compiler(arch)) and release is not None and arch not in release:
+            # loong64 before Debian 14: Debian 12 has no cross compiler for
+            # it, and neither has a kernel, so test/packages (one list for
+            # every release) names none; a chroot of a release that has
+            # them proves it (test/scripts/cross-in-chroot).
+            reason = (HOST_LIMIT + f"{arch} is not an architecture of this Debian release, and {compiler(arch)} "
+                      f"is not installed (make cross-in ARCH={arch})")
+        elif not shutil.which(compiler(arch)):
             reason = f"needs {compiler(arch)} (test/packages)"
         elif need_qemu and not shutil.which(QEMU[arch]):
             reason = f"needs {QEMU[arch]} (test/packages)"
+        elif need_qemu and any(not os.path.exists(path) for path, _ in FIRMWARE[arch]):
+            reason = "needs " + ", ".join(f"{path} ({package})" for path, package in FIRMWARE[arch])
         out.append(pytest.param(arch, id=arch, marks=[pytest.mark.skip(reason=reason)] if reason else []))
     return out
 
@@ -92,7 +120,7 @@ def rcrt1(arch):
 def check_linked(arch, path, dynamic=True):
     """ARCH's machine and PIE; if dynamic, linked against glibc alone:
     NEEDED libc.so.6 and at most the loader it names (where glibc keeps the
-    stack protector's guard there: arm64, armel, armhf, riscv64), no
+    stack protector's guard there: arm64, armel, armhf, loong64, riscv64), no
     libstdc++, no libgcc_s."""
     machine, cls, order, flags, static, pie = elf(path)
     assert (machine, cls, order) == ELF[arch], (path, machine, cls, order)
