@@ -441,8 +441,8 @@ TEST_CASE("a value that is just '-' is escaped: '-' means absent, and nothing el
     format_log(la, a.s, EndReason::eof, 0, make_peer("local"), true);
     format_log(lb, b.s, EndReason::eof, 0, make_peer("local"), true);
     CHECK(la.view() ==
-          "peer=local end=eof commands=4 duration=0.000 helo=\\x2d mail=\\x2d rcpt=\\x2d,-- rcpts=2 sandbox=on");
-    CHECK(lb.view() == "peer=local end=eof commands=4 duration=0.000 helo=- mail=- rcpt=-,x- rcpts=2 sandbox=on");
+          "peer=local end=eof commands=4 duration=0.000 helo=\\x2d mail=\\x2d rcpt=\\x2d,-- rcpts=2 sandbox=on mode=rcpt");
+    CHECK(lb.view() == "peer=local end=eof commands=4 duration=0.000 helo=- mail=- rcpt=-,x- rcpts=2 sandbox=on mode=rcpt");
 }
 
 // The worst case of every field at once: five 510-octet arguments of octets
