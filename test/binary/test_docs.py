@@ -7,11 +7,12 @@ never from the source text.  Run with
     /usr/bin/python3 -m pytest -q test/binary/test_docs.py"""
 import os
 import re
+import shlex
 import subprocess
 
 import pytest
 
-from harness import LOG_FIELDS, ROOT, TEST, SESSION_IN, fields
+from harness import LOG_FIELDS, ROOT, TEST, SESSION_IN, check_default_file, crlf, fields, free_port
 
 
 def read(*path):
@@ -159,6 +160,12 @@ def test_man_page_says_the_last_of_c_and_r_wins(smtp521):
     assert "last of them wins" in " ".join(default.split()) and "implies" not in default
 
 
+def test_default_file_has_one_options_line_and_every_option():
+    # What the package installs as /etc/default/smtp521 (test_package checks
+    # the installed copy the same way).
+    check_default_file(read("debian", "smtp521.default"))
+
+
 # ------------------------------------------------------------ files the page quotes
 
 def example():
@@ -288,3 +295,97 @@ def test_readme_shows_what_the_binary_prints(smtp521):
     printed = p.stdout.decode().split("\r\n")[:-1] + p.stderr.decode().splitlines()
     duration = re.compile(r"duration=\d+\.\d+")
     assert [duration.sub("duration=-", line) for line in printed] == [duration.sub("duration=-", line) for line in shown]
+
+
+# ------------------------------------------------------------ the README's deploy and verify
+
+def deploy_section():
+    m = re.search(r"^## Deploy and verify\n(.*?)(?=^## )", read("README.md"), re.M | re.S)
+    assert m, "no section 'Deploy and verify' in README.md"
+    return m.group(1)
+
+
+def deploy_commands():
+    """The command lines of each sh block of the section."""
+    blocks = re.findall(r"^ *```sh\n(.*?)^ *```$", deploy_section(), re.M | re.S)
+    assert len(blocks) == 2, blocks
+    return [[line.strip() for line in block.splitlines()] for block in blocks]
+
+
+def deployed_options():
+    """The options the section checks and then installs."""
+    argv = shlex.split(deploy_commands()[0][0])
+    assert argv[:2] == ["smtp521", "--check"], argv
+    return argv[2:]
+
+
+def test_readme_deploy_section_is_first_and_names_the_rule():
+    readme = read("README.md")
+    assert readme.index("## Deploy and verify") < readme.index("## Quick start")
+    text = " ".join(deploy_section().split())
+    assert '"Choosing the mode"' in text and ".Ss Choosing the mode" in MAN
+    for mode in ("-r helo", "-r greeting"):
+        assert mode in text, mode
+
+
+@pytest.mark.needs("devlog")
+def test_readme_deploy_checks_the_options_it_then_installs(smtp521, syslog, tmp_path):
+    check, echo, restart = deploy_commands()[0]
+    options = deployed_options()
+    # smtp521 --check, as typed on a host with syslog (journald's /dev/log).
+    p = subprocess.run(syslog.prefix + [smtp521] + shlex.split(check)[1:], capture_output=True, text=True,
+                       timeout=30)
+    mode = options[options.index("-r") + 1] if "-r" in options else "rcpt"
+    assert p.returncode == 0 and p.stdout.startswith(f"mode={mode} hostname={options[options.index('-H') + 1]} "), p
+    # The echo writes the same options, as the one SMTP521_OPTS line of
+    # /etc/default/smtp521, which systemd splits as sh does here.
+    m = re.fullmatch(r"echo '(SMTP521_OPTS=\"[^\"']*\")' > /etc/default/smtp521", echo)
+    assert m, echo
+    written = tmp_path / "smtp521"
+    subprocess.run(["sh", "-c", echo.replace("/etc/default/smtp521", str(written))], check=True)
+    value = re.fullmatch(r'SMTP521_OPTS="(.*)"\n', written.read_text()).group(1)
+    assert shlex.split(value) == options, (value, options)
+    # The restart runs the socket's check (test_deploy: the ExecStartPre=
+    # is the service's command line with --check; test_systemd_confinement:
+    # a bad option fails the restart).
+    assert restart == "systemctl restart smtp521.socket", restart
+    assert re.search(r"^ExecStartPre=/usr/local/sbin/smtp521 --check ", read("smtp521.socket"), re.M)
+
+
+@pytest.mark.needs("tool:swaks", "tool:nc", "systemd-socket-activate")
+def test_readme_deploy_verifies_from_another_host(smtp521, server):
+    # The section's swaks and nc lines, against smtp521 run with its
+    # options by a super-server on a loopback port instead of HOST:25.
+    swaks, nc = deploy_commands()[1]
+    options = deployed_options()
+    host = options[options.index("-H") + 1]
+    port = free_port()
+    server(["systemd-socket-activate", "--inetd", "-a", "-l", f"127.0.0.1:{port}", smtp521, "-l", "none"] + options,
+           port)
+    assert f"--server {host} " in swaks and nc.endswith(f"nc {host} 25"), (swaks, nc)
+    p = subprocess.run(shlex.split(swaks.replace(f"--server {host} ", f"--server 127.0.0.1:{port} ")),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and f"<** 521 {host} does not accept mail" in p.stdout, p
+    p = subprocess.run(["sh", "-c", nc.replace(f"nc {host} 25", f"nc 127.0.0.1 {port}")], capture_output=True,
+                       timeout=60)
+    session = subprocess.run([smtp521, "-l", "none"] + options, input=crlf("QUIT"), capture_output=True, timeout=30)
+    assert p.returncode == 0 and p.stdout == session.stdout and p.stdout.startswith(f"220 {host} ".encode()), p
+
+
+def test_readme_deploy_reads_the_log_as_it_is(smtp521):
+    # Every field the section names is the log's; and what it says of a
+    # sender that quits before RCPT is what the log line shows of one
+    # (Postfix requiring TLS: EHLO, no STARTTLS offered, QUIT).
+    text = deploy_section()
+    named = set(re.findall(r"`(\w+)=", text))
+    assert named and named <= set(LOG_FIELDS), named
+    m = re.search(r"Under `mode=(\w+)`, `((?:\w+=\S+ ?)+)` is\s+a sender that quit unrefused", text)
+    assert m, text
+    p = subprocess.run([smtp521, "-H", "mx.test", "-l", "stderr", "-r", m.group(1)],
+                       input=crlf("EHLO sender.example", "QUIT"), capture_output=True, timeout=30)
+    log = fields(p.stderr.decode().strip())
+    assert log["mode"] == m.group(1), log
+    for field in m.group(2).split():
+        key, value = field.split("=", 1)
+        assert log[key] == value, (field, log)
+    assert b"521" not in p.stdout, p.stdout  # unrefused

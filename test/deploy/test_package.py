@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from harness import ROOT, SESSION_IN, SESSION_OUT, TEXT, default_name, free_port, option_range, read_to_eof, talk
+from harness import (ROOT, SESSION_IN, SESSION_OUT, TEXT, check_default_file, default_name, free_port, option_range,
+                     read_to_eof, talk)
 
 # Every test here reads the package that `make deb` builds.
 pytestmark = pytest.mark.needs("debian", "tool:dpkg-buildpackage", "tool:dh", "tool:fakeroot")
@@ -168,6 +169,8 @@ def test_units_and_examples_name_usr_sbin(package):
     svc = package.read(f"{UNITDIR}/smtp521@.service")
     assert re.search(r"^ExecStart=/usr/sbin/smtp521 --log stderr \$SMTP521_OPTS$", svc, re.M), svc
     assert "\nEnvironmentFile=-/etc/default/smtp521\n" in svc and "\nSlice=smtp521.slice\n" in svc
+    sock = package.read(f"{UNITDIR}/smtp521.socket")
+    assert re.search(r"^ExecStartPre=/usr/sbin/smtp521 --check --log stderr \$SMTP521_OPTS$", sock, re.M), sock
     inetd = package.read("usr/share/doc/smtp521/inetd.conf.example")
     assert "/usr/sbin/smtp521" in inetd and "/usr/local" not in inetd
 
@@ -240,31 +243,8 @@ def test_source_declares_its_dep8_tests(package):
     assert fields.get("Testsuite") == "autopkgtest", fields
 
 
-def long_options():
-    """The long options of --help, but --version and --help."""
-    subprocess.run(["make", "-s", "smtp521"], cwd=ROOT, check=True, capture_output=True)
-    out = subprocess.run([os.path.join(ROOT, "smtp521"), "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    opts = re.findall(r"^\s+-\w, (--[\w-]+)", out, re.M)
-    assert len(opts) >= 8, out
-    return [o for o in opts if o not in ("--version", "--help")], out
-
-
 def test_default_file_lists_every_option_with_its_default(package):
-    text = package.read("etc/default/smtp521")
-    assert re.findall(r"^[^#\s].*$", text, re.M) == ['SMTP521_OPTS=""'], text
-    commented = re.findall(r'^#SMTP521_OPTS="(.*)"$', text, re.M)
-    opts, help_text = long_options()
-    for opt in opts:
-        assert any(c.split()[0] == opt for c in commented), f"{opt} not in /etc/default/smtp521"
-    # Every number --help gives as a default, the file shows with its option.
-    defaults = re.findall(r"^\s+-\w, (--[\w-]+)[^\n]*(?:\n\s{8,}[^\n]*)*?\(default (\d+)\)", help_text, re.M)
-    assert {o for o, _ in defaults} >= {"--timeout", "--max-commands", "--stress-at", "--stress-timeout"}, help_text
-    for opt, default in defaults + [("--refuse-at", "rcpt")]:
-        assert f"{opt} {default}" in commented, (opt, default)
-    assert re.search(r"rcpt \(default\)", help_text)
-    assert ("--max-commands", str(option_range("max-commands")[2])) in defaults, defaults
-    assert f"--message '{TEXT.decode()}'" in commented and f'"{TEXT.decode()}"' in help_text
+    check_default_file(package.read("etc/default/smtp521"))
 
 
 @pytest.mark.needs("tool:blhc", "tool:readelf", "tool:file")

@@ -104,6 +104,30 @@ def option_range(long_name):
     return tuple(int(g) for g in bounds.groups() if g is not None) + (int(default.group(1)),)
 
 
+def check_default_file(text):
+    """debian/smtp521.default, the package's /etc/default/smtp521: one
+    SMTP521_OPTS line, empty, the only line that is not a comment (a second
+    would replace the first: when each option had a commented line of its
+    own, uncommenting two kept only the last); every option of --help that
+    a service takes in a comment of its own, "# --option DEFAULT"."""
+    assert re.findall(r"^[^#\s].*$", text, re.M) == ['SMTP521_OPTS=""'], text
+    assert not re.search(r"^#\s*SMTP521_OPTS=", text, re.M), text
+    commented = re.findall(r"^# (--.*)$", text, re.M)
+    opts = [o for o in re.findall(r"^\s+-\w, (--[\w-]+)", help_text(), re.M)
+            if o not in ("--version", "--help", "--check")]
+    assert len(opts) >= 8, help_text()
+    for opt in opts:
+        assert any(c.split()[0] == opt for c in commented), f"{opt} not in /etc/default/smtp521"
+    # Every number --help gives as a default, the file shows with its option.
+    defaults = re.findall(r"^\s+-\w, (--[\w-]+)[^\n]*(?:\n\s{8,}[^\n]*)*?\(default (\d+)\)", help_text(), re.M)
+    assert {o for o, _ in defaults} >= {"--timeout", "--max-commands", "--stress-at", "--stress-timeout"}, defaults
+    for opt, default in defaults + [("--refuse-at", "rcpt")]:
+        assert f"{opt} {default}" in commented, (opt, default)
+    assert re.search(r"rcpt \(default\)", help_text())
+    assert ("--max-commands", str(option_range("max-commands")[2])) in defaults, defaults
+    assert f"--message '{TEXT.decode()}'" in commented and f'"{TEXT.decode()}"' in help_text()
+
+
 def fill(fd):
     """Write to the pipe `fd` until its buffer is full; the octets written."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
