@@ -614,6 +614,9 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
     session.greet(out);
     EndReason io = write_all(c, out.view(), deadline);
     out.clear();
+    // Any size gives the same replies (the core takes input in any pieces:
+    // unit.cpp replays every session in 1- and 3-octet ones); a page only
+    // sets how many replies go out in one write (RFC 2920 leaves it free).
     char input[4096];
     while (io == EndReason::none && !session.ended()) {
         Wait w = wait_for_input(c.in, deadline);

@@ -473,6 +473,12 @@ TEST_CASE("a value is cut on an escape's boundary, and only when it must be") {
     add_escaped(log, std::string(99, 'a') + " ", 100);  // the escape would pass 100
     CHECK(log.view() == std::string(99, 'a') + "...");
     log.clear();
+    add_escaped(log, std::string(97, 'a') + " ", 100);  // by one octet: \x20 takes four
+    CHECK(log.view() == std::string(97, 'a') + "...");
+    log.clear();
+    add_escaped(log, std::string(96, 'a') + " ", 100);  // exactly 100
+    CHECK(log.view() == std::string(96, 'a') + "\\x20");
+    log.clear();
     add_escaped(log, "ab", 100, true);  // cut before it reached the log
     CHECK(log.view() == "ab...");
 }
