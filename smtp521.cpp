@@ -927,6 +927,8 @@ extern "C" void on_alarm(int) {
     if (i >= 0) {
         const auto& m = backstop.message[i];
         if (backstop.target == LogTarget::syslog) {
+            // fd 0 is the connection: the socket is 0 only where a super-server
+            // left fd 0 closed, and that session ends at once (POLLNVAL).
             if (backstop.socket >= 0) (void)!send(backstop.socket, m.bytes, m.length, MSG_NOSIGNAL);
         } else if (backstop.target == LogTarget::stderr_) {
             // Never blocks: a socket is sent to with MSG_DONTWAIT, and a
