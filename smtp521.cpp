@@ -983,7 +983,7 @@ constexpr int allowed_syscalls[] = {
     SYS_ppoll,                          // the same, where libc has no poll()
     SYS_shutdown,                       // half-close before the drain
     SYS_close,                          // syslog(3) drops a dead /dev/log socket
-    SYS_clock_gettime, SYS_gettimeofday,  // the deadline, where the vDSO cannot
+    SYS_clock_gettime,                  // the deadline, where the vDSO cannot
     SYS_getpid,                         // syslog(3)'s LOG_PID
     SYS_exit_group,                     // _exit(2); glibc's fallback to exit never runs
     // The call the kernel makes a live process issue, whatever the program
