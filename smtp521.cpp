@@ -1287,6 +1287,7 @@ Options parse_options(int argc, char** argv) {
     };
     Options options;
     opterr = 0;  // our own one-line messages, never getopt's
+    // parse_number() gives -1 or a value in range: `< 0` below is `< low`.
     int opt;
     static const char short_options[] = ":r:cH:m:t:n:s:T:l:Vh";
     while ((opt = getopt_long(argc, argv, short_options, long_options, nullptr)) != -1) {
@@ -1428,7 +1429,8 @@ constexpr bool ends_with(std::string_view s, std::string_view suffix) {
 constexpr bool is_own_session(std::string_view path) {
     const std::size_t slash = path.rfind('/');
     if (path.empty() || path.front() != '/' || slash == std::string_view::npos || slash == 0) return false;
-    const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);
+    const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);  // `unit` without its '/'
+    // (only its end and an '@' are looked at, so with it all the same)
     const std::string_view slice = tail(parent, parent.rfind('/') + 1);
     const bool own = slice == own_slice || (head(slice, own_subslice_prefix.size()) == own_subslice_prefix &&
                                              ends_with(slice, ".slice"));

@@ -616,7 +616,11 @@ TEST_CASE("for_each_line gives every line of a file, whatever its length, and sk
     // Lines across read()'s chunks, one longer than any cgroup path, and a
     // last line without LF.
     const std::string long_line(CgroupLine::capacity + 1, 'x'), wide(1000, 'w');
-    const std::string text = "0::/\n" + wide + "\n" + long_line + "\n" + wide + "2\n1:pids:/last";
+    std::string text = "0::/\n" + wide + "\n" + long_line + "\n" + wide + "2\n1:pids:/last";
+    // A first line that leaves one octet for the last read() (512 at a time).
+    const std::string pad(512 - (text.size() + 1 - 1) % 512, 'p');
+    text = pad + "\n" + text;
+    REQUIRE(text.size() % 512 == 1);
     FILE* f = std::fopen(path.c_str(), "w");
     REQUIRE(f != nullptr);
     std::fputs(text.c_str(), f);
@@ -624,7 +628,7 @@ TEST_CASE("for_each_line gives every line of a file, whatever its length, and sk
     std::vector<std::string> lines;
     CgroupLine line;
     for_each_line(path.c_str(), line, [&](std::string_view l) { lines.emplace_back(l); });
-    CHECK(lines == std::vector<std::string>{"0::/", wide, wide + "2", "1:pids:/last"});
+    CHECK(lines == std::vector<std::string>{pad, "0::/", wide, wide + "2", "1:pids:/last"});
     std::remove(path.c_str());
     rmdir(dir);
 }
