@@ -1529,7 +1529,7 @@ int main(int argc, char** argv) {
     connection.out_is_socket = is_socket(connection.out);
     // Under stress the earlier of the two deadlines; a cut only if it is
     // the stress one.
-    const int sessions = options.stress_at > 0 ? stress_sessions() : -1;
+    const int sessions = options.stress_at > 0 ? stress_sessions() : -1;  // any negative: no signal
     const bool stressed = sessions >= options.stress_at && options.stress_timeout < options.timeout_seconds;
     const int seconds = stressed ? options.stress_timeout : options.timeout_seconds;
     const Millis deadline = start + static_cast<Millis>(seconds) * 1000;
