@@ -655,6 +655,9 @@ EndReason run(Session& session, const Connection& c, Millis deadline, bool stres
     session.greet(out);
     EndReason io = write_all(c, out.view(), deadline);
     out.clear();
+    // Any size gives the same replies (the core takes input in any pieces:
+    // unit.cpp replays every session in 1- and 3-octet ones); a page only
+    // sets how many replies go out in one write (RFC 2920 leaves it free).
     char input[4096];
     while (io == EndReason::none && !session.ended()) {
         Wait w = wait_for_input(c.in, deadline);
@@ -973,6 +976,8 @@ extern "C" void on_alarm(int) {
     if (i >= 0) {
         const auto& m = backstop.message[i];
         if (backstop.target == LogTarget::syslog) {
+            // fd 0 is the connection: the socket is 0 only where a super-server
+            // left fd 0 closed, and that session ends at once (POLLNVAL).
             if (backstop.socket >= 0) (void)!send(backstop.socket, m.bytes, m.length, MSG_NOSIGNAL);
         } else if (backstop.target == LogTarget::stderr_) {
             // Never blocks: a socket is sent to with MSG_DONTWAIT, and a
@@ -1027,7 +1032,7 @@ constexpr int allowed_syscalls[] = {
     SYS_ppoll,                          // the same, where libc has no poll()
     SYS_shutdown,                       // half-close before the drain
     SYS_close,                          // syslog(3) drops a dead /dev/log socket
-    SYS_clock_gettime, SYS_gettimeofday,  // the deadline, where the vDSO cannot
+    SYS_clock_gettime,                  // the deadline, where the vDSO cannot
     SYS_getpid,                         // syslog(3)'s LOG_PID
     SYS_exit_group,                     // _exit(2); glibc's fallback to exit never runs
     // The call the kernel makes a live process issue, whatever the program
@@ -1353,6 +1358,7 @@ Options parse_options(int argc, char** argv) {
     };
     Options options;
     opterr = 0;  // our own one-line messages, never getopt's
+    // parse_number() gives -1 or a value in range: `< 0` below is `< low`.
     int opt;
     static const char short_options[] = ":r:cCH:m:t:n:s:T:l:Vh";
     while ((opt = getopt_long(argc, argv, short_options, long_options, nullptr)) != -1) {
@@ -1546,7 +1552,8 @@ constexpr bool ends_with(std::string_view s, std::string_view suffix) {
 constexpr bool is_own_session(std::string_view path) {
     const std::size_t slash = path.rfind('/');
     if (path.empty() || path.front() != '/' || slash == std::string_view::npos || slash == 0) return false;
-    const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);
+    const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);  // `unit` without its '/'
+    // (only its end and an '@' are looked at, so with it all the same)
     const std::string_view slice = tail(parent, parent.rfind('/') + 1);
     const bool own = slice == own_slice || (head(slice, own_subslice_prefix.size()) == own_subslice_prefix &&
                                              ends_with(slice, ".slice"));
@@ -1646,7 +1653,7 @@ int main(int argc, char** argv) {
     connection.out_is_socket = is_socket(connection.out);
     // Under stress the earlier of the two deadlines; a cut only if it is
     // the stress one.
-    const int sessions = options.stress_at > 0 ? stress_sessions() : -1;
+    const int sessions = options.stress_at > 0 ? stress_sessions() : -1;  // any negative: no signal
     const bool stressed = sessions >= options.stress_at && options.stress_timeout < options.timeout_seconds;
     const int seconds = stressed ? options.stress_timeout : options.timeout_seconds;
     const Millis deadline = start + static_cast<Millis>(seconds) * 1000;

@@ -357,7 +357,10 @@ def run_pipe(binary, args, stdin=b"", env=None):
     ({"REMOTE_ADDR": "evil addr\n"}, "evil\\x20addr\\x0a"),
     ({}, "local"),
     ({"REMOTE_ADDR": "-", "REMOTE_PORT": "-"}, "\\x2d:\\x2d"),
-], ids=["inetd-ipv4", "inetd-ipv6", "tcpserver", "escaped", "none", "dash"])
+    # Cut at 64 octets of address and 8 of port (the man page's LOGGING).
+    ({"REMOTE_ADDR": "a" * 65, "REMOTE_PORT": "123456789"}, "a" * 64 + "...:12345678..."),
+    ({"REMOTE_ADDR": "a" * 64, "REMOTE_PORT": "12345678"}, "a" * 64 + ":12345678"),
+], ids=["inetd-ipv4", "inetd-ipv6", "tcpserver", "escaped", "none", "dash", "cut", "longest"])
 def test_peer_address_from_environment(binary, env, peer):
     p = run_pipe(binary, ["-H", "mx.test", "-l", "stderr"], crlf("QUIT"), dict(ENV, **env))
     assert p.returncode == 0, p

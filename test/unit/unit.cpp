@@ -503,6 +503,12 @@ TEST_CASE("a value is cut on an escape's boundary, and only when it must be") {
     add_escaped(log, std::string(99, 'a') + " ", 100);  // the escape would pass 100
     CHECK(log.view() == std::string(99, 'a') + "...");
     log.clear();
+    add_escaped(log, std::string(97, 'a') + " ", 100);  // by one octet: \x20 takes four
+    CHECK(log.view() == std::string(97, 'a') + "...");
+    log.clear();
+    add_escaped(log, std::string(96, 'a') + " ", 100);  // exactly 100
+    CHECK(log.view() == std::string(96, 'a') + "\\x20");
+    log.clear();
     add_escaped(log, "ab", 100, true);  // cut before it reached the log
     CHECK(log.view() == "ab...");
 }
@@ -640,7 +646,11 @@ TEST_CASE("for_each_line gives every line of a file, whatever its length, and sk
     // Lines across read()'s chunks, one longer than any cgroup path, and a
     // last line without LF.
     const std::string long_line(CgroupLine::capacity + 1, 'x'), wide(1000, 'w');
-    const std::string text = "0::/\n" + wide + "\n" + long_line + "\n" + wide + "2\n1:pids:/last";
+    std::string text = "0::/\n" + wide + "\n" + long_line + "\n" + wide + "2\n1:pids:/last";
+    // A first line that leaves one octet for the last read() (512 at a time).
+    const std::string pad(512 - (text.size() + 1 - 1) % 512, 'p');
+    text = pad + "\n" + text;
+    REQUIRE(text.size() % 512 == 1);
     FILE* f = std::fopen(path.c_str(), "w");
     REQUIRE(f != nullptr);
     std::fputs(text.c_str(), f);
@@ -648,7 +658,7 @@ TEST_CASE("for_each_line gives every line of a file, whatever its length, and sk
     std::vector<std::string> lines;
     CgroupLine line;
     for_each_line(path.c_str(), line, [&](std::string_view l) { lines.emplace_back(l); });
-    CHECK(lines == std::vector<std::string>{"0::/", wide, wide + "2", "1:pids:/last"});
+    CHECK(lines == std::vector<std::string>{pad, "0::/", wide, wide + "2", "1:pids:/last"});
     std::remove(path.c_str());
     rmdir(dir);
 }
