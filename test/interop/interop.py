@@ -361,8 +361,8 @@ class SinkHandler(socketserver.StreamRequestHandler):
 class StartTLSHandler(socketserver.StreamRequestHandler):
     """The measurement's stand-in, not smtp521: rcpt mode's replies
     (smtp521.cpp's Replies), but EHLO offers STARTTLS (RFC 3207 section 4)
-    and STARTTLS, like every command but HELO, EHLO, MAIL, RSET and QUIT,
-    gets 521 5.3.2."""
+    and STARTTLS, like every command but HELO, EHLO, MAIL, RSET, NOOP and
+    QUIT, gets 521 5.3.2."""
 
     def handle(self):
         w = self.wfile.write
@@ -377,7 +377,9 @@ class StartTLSHandler(socketserver.StreamRequestHandler):
                 w(f"250-{NAME}\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n".encode())
             elif verb == b"HELO":
                 w(f"250 {NAME}\r\n".encode())
-            elif verb in (b"MAIL", b"RSET"):
+            elif verb == b"MAIL":
+                w(b"250 2.1.0 Ok\r\n")
+            elif verb in (b"RSET", b"NOOP"):
                 w(b"250 2.0.0 Ok\r\n")
             elif verb == b"QUIT":
                 w(f"221 2.0.0 {NAME} closing connection\r\n".encode())
