@@ -845,10 +845,10 @@ void add_argument(LogLine& log, const Argument& a) {
 
 // peer= end= commands= duration= helo= mail= rcpt= rcpts= sandbox= mode=
 //
-// mode= last, after the fields that came before it: the line says what the
-// client was told (a 521 greeting, a 521 to EHLO, or 250s up to the 521 to
-// RCPT) without the options of its day, which change (smtp521(8),
-// "Choosing the mode").
+// mode= comes last, so that the fields before it keep their places.  With
+// commands= it says what the client was told (a 521 greeting, a 521 to
+// EHLO, or 250s up to the 521 to RCPT), whatever the options were that day:
+// a site changes its mode (smtp521(8), "Choosing the mode").
 void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, const Peer& peer, bool sandbox) {
     log.append("peer=");
     log.append(peer.view());
@@ -1510,10 +1510,10 @@ int check(const Options& o, const Replies& replies) {
     greeting.remove_suffix(2);  // CRLF
     out.append(greeting);
     out.append("\n");
-    for (std::string_view rest = out.view(); !rest.empty();) {
+    for (std::string_view rest = out.view(); !rest.empty();) {  // the check passed, printed or not
         const ssize_t n = write(1, rest.data(), rest.size());
         if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return exit_usage;
+        if (n <= 0) break;
         rest.remove_prefix(static_cast<std::size_t>(n));
     }
     return exit_ok;

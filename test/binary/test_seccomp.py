@@ -153,6 +153,7 @@ SCENARIOS = {
     "client-reset": ([], reset_by_client, "tcp"),
     "close-mode": (["-c"], close_mode, "tcp"),
     "greeting-mode": (["-r", "greeting"], full_session, "tcp"),
+    "helo-mode": (["-r", "helo"], full_session, "tcp"),
 }
 
 

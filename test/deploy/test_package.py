@@ -288,13 +288,16 @@ def unit_copy(package, name, port, envfile=None):
     puts it at /usr/local/sbin), and optionally the environment file."""
     text = package.read(f"{UNITDIR}/{name}")
     if name == "smtp521.socket":
-        assert "\nListenStream=25\n" in text
+        assert "\nListenStream=25\n" in text and "\nExecStartPre=/usr/sbin/smtp521 " in text
         text = text.replace("\nListenStream=25\n", f"\nListenStream={port}\n")
+        text = text.replace("\nExecStartPre=/usr/sbin/smtp521 ", "\nExecStartPre=/usr/local/sbin/smtp521 ")
     if name == "smtp521@.service":
         assert "\nExecStart=/usr/sbin/smtp521 " in text
         text = text.replace("\nExecStart=/usr/sbin/smtp521 ", "\nExecStart=/usr/local/sbin/smtp521 ")
-        if envfile:
-            text = text.replace("\nEnvironmentFile=-/etc/default/smtp521\n", f"\nEnvironmentFile=-{envfile}\n")
+    if envfile and name in ("smtp521.socket", "smtp521@.service"):
+        # Both: the socket checks what the service will run.
+        assert "\nEnvironmentFile=-/etc/default/smtp521\n" in text, name
+        text = text.replace("\nEnvironmentFile=-/etc/default/smtp521\n", f"\nEnvironmentFile=-{envfile}\n")
     return text
 
 
@@ -538,6 +541,26 @@ def test_install_where_policy_rc_d_forbids_the_start_blames_no_port(package, sys
         p = ns.script("postinst", "configure")
         assert ns.state() == ("inactive", "enabled"), ns.state()
         assert "could not listen" not in p.stderr and "holds the port" not in p.stderr, p.stderr
+    finally:
+        ns.close()
+
+
+@pytest.mark.needs("systemd", "tool:deb-systemd-helper", "tool:deb-systemd-invoke")
+def test_install_with_bad_options_succeeds_and_says_what_to_do(package, systemd):
+    # A bad /etc/default/smtp521 (kept from before an upgrade): the
+    # socket's check fails it, and the postinst says so, not that the port
+    # is taken.
+    ns = Namespace(package, str(free_port()), systemd)
+    try:
+        ns.unpack()
+        assert ns.sh("printf 'SMTP521_OPTS=\"-t 0\"\\n' > /etc/default/smtp521").returncode == 0
+        p = ns.script("postinst", "configure")
+        assert ns.state() == ("failed", "enabled"), ns.state()
+        msg = " ".join(p.stderr.split())
+        assert "its check of the options in /etc/default/smtp521 failed" in msg, msg
+        assert "`systemctl status smtp521.socket`" in msg and "could not listen" not in msg, msg
+        status = ns.sd.ctl("status", "smtp521.socket", check=False).stdout
+        assert "status=64" in status, status
     finally:
         ns.close()
 
