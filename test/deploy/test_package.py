@@ -195,7 +195,7 @@ def test_version_agrees_everywhere(package):
         man = f.read()
     assert re.search(r"^\.Os smtp521 (\S+)$", man, re.M).group(1) == v
     # Its paths are the package's: a drop-in copied from it runs /usr/sbin/smtp521.
-    assert "/usr/local/sbin" not in man and "ExecStart=/usr/sbin/smtp521 --log stderr" in man
+    assert "/usr/local/sbin" not in man and "Ql /usr/sbin/smtp521 --log stderr $SMTP521_OPTS" in man
     assert f".It Pa /{UNITDIR}/\n" in man
     with gzip.open(package.path("usr/share/doc/smtp521/changelog.Debian.gz"), "rt") as f:
         assert f.readline().startswith(f"smtp521 ({package.version}) ")
