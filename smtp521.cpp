@@ -925,7 +925,8 @@ void emit_log(LogTarget target, int priority, std::string_view line) {
 // ---------------------------------------------------------------- the alarm backstop
 
 // Every wait of a session ends at the deadline (wait_for, wait_for_input),
-// so only logging can block past it: a syslog daemon or a journal that stopped reading.
+// so only logging can block past it: a syslog daemon or a journal that
+// stopped reading.
 // alarm() ends the process backstop_seconds after the deadline all the
 // same.  Its handler writes a line prepared in advance, the session's with
 // end=alarm, to the log target, waits for that target at most
@@ -1552,8 +1553,8 @@ constexpr bool ends_with(std::string_view s, std::string_view suffix) {
 constexpr bool is_own_session(std::string_view path) {
     const std::size_t slash = path.rfind('/');
     if (path.empty() || path.front() != '/' || slash == std::string_view::npos || slash == 0) return false;
-    const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);  // `unit` without its '/'
-    // (only its end and an '@' are looked at, so with it all the same)
+    // `unit` is looked at for its end and an '@' only: with its '/' or not.
+    const std::string_view parent = head(path, slash), unit = tail(path, slash + 1);
     const std::string_view slice = tail(parent, parent.rfind('/') + 1);
     const bool own = slice == own_slice || (head(slice, own_subslice_prefix.size()) == own_subslice_prefix &&
                                              ends_with(slice, ".slice"));
