@@ -372,6 +372,41 @@ def test_readme_deploy_verifies_from_another_host(smtp521, server):
     assert p.returncode == 0 and p.stdout == session.stdout and p.stdout.startswith(f"220 {host} ".encode()), p
 
 
+def test_readme_deploy_commands_name_what_the_tree_has():
+    # The section's inline commands, which only a fresh host can run
+    # (install, enable, read the journal): each names a make target that
+    # exists, a shipped unit, the service's log identifier, the package
+    # make deb leaves here.
+    prose = re.sub(r"^ *```sh\n.*?^ *```$", "", deploy_section(), flags=re.M | re.S)  # the blocks: above
+    spans = [" ".join(c.split()) for c in re.findall(r"`([^`]+)`", prose, re.S)]
+    commands = [c for c in spans if re.match(r"(apt-get|apt|make|systemctl|journalctl) ", c)]
+    assert len(commands) >= 5, spans
+    checked = set()
+    for command in commands:
+        for part in command.split(" && "):
+            words = part.split()
+            if words[0] == "make":
+                p = subprocess.run(["make", "-n"] + words[1:], cwd=ROOT, capture_output=True, text=True)
+                assert p.returncode == 0, (part, p.stderr)
+            elif words[0] == "systemctl":
+                assert words[1] in ("daemon-reload", "enable", "disable", "restart", "status"), part
+                for unit in [w for w in words[2:] if not w.startswith("-")]:
+                    assert os.path.exists(os.path.join(ROOT, unit)), part
+                    if words[1] in ("enable", "disable"):
+                        assert "\nWantedBy=sockets.target\n" in read(unit), unit
+            elif words[0] == "journalctl":
+                assert words[1:] == ["-t", re.search(r"^SyslogIdentifier=(\S+)$", read("smtp521@.service"),
+                                                     re.M).group(1)], part
+            elif part == "apt install ./smtp521_*.deb":
+                assert re.search(r"^DEBOUT \?= \.$", read("Makefile"), re.M), "make deb leaves the .deb elsewhere"
+            else:
+                assert words[:2] in (["apt-get", "update"], ["apt-get", "install"], ["apt-get", "build-dep"]), part
+                if words[1] == "build-dep":
+                    assert words[2:] == ["-y", "./"] and os.path.exists(os.path.join(ROOT, "debian", "control"))
+            checked.add(words[0])
+    assert checked == {"apt-get", "apt", "make", "systemctl", "journalctl"}, checked
+
+
 def test_readme_deploy_reads_the_log_as_it_is(smtp521):
     # Every field the section names is the log's; and what it says of a
     # sender that quits before RCPT is what the log line shows of one

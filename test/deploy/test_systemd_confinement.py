@@ -347,6 +347,8 @@ def test_environment_file_sets_options(systemd):
     out, _ = talk(port, b"QUIT\r\n")
     assert out == (GREET + BYE).replace(b"mx.test", NAME), out
     assert wait_for(lambda: any(m.startswith(f"mode=rcpt hostname={NAME.decode()} ") for m in said())), said()
+    # Under an identifier of its own: smtp521's are the sessions' lines.
+    assert not [e for e in sd.journal("-t", "smtp521") if e.get("MESSAGE", "").startswith("mode=")]
 
     # A drop-in with a second ExecStart= (what a naive `systemctl edit`
     # gives): the service no longer loads, the first connection puts the
