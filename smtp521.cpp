@@ -744,6 +744,7 @@ void add_escaped(Text<N>& log, std::string_view s, std::size_t max, bool already
 }
 
 constexpr std::size_t digits(unsigned long long v) { return v < 10 ? 1 : 1 + digits(v / 10); }
+static_assert(digits(9) == 1 && digits(10) == 2 && digits(INT_MAX) == 10, "decimal digits");
 constexpr std::size_t int_width = 1 + digits(INT_MAX);  // with a sign
 
 constexpr std::size_t end_name_max() {

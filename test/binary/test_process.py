@@ -464,6 +464,30 @@ def test_log_to_stderr_never_reaches_the_connection(binary):
     assert out == GREET_521 + BYE_521, out
 
 
+def test_log_to_stderr_reaches_a_socket_that_is_not_the_connection(binary):
+    # Under systemd, StandardError=journal makes fd 2 a socket of its own:
+    # every socket shares one st_dev, and only the inode tells it from the
+    # connection.
+    journal, err = socket.socketpair()
+    client, server = socket.socketpair()
+    p = subprocess.Popen([binary, "-H", "mx.test", "-l", "stderr"], stdin=server.fileno(), stdout=server.fileno(),
+                         stderr=err.fileno(), env=ENV)
+    server.close()
+    err.close()
+    try:
+        client.sendall(crlf("QUIT"))
+        assert read_to_eof(client, timeout=10) == GREET + BYE
+        assert p.wait(timeout=10) == 0
+        line = read_to_eof(journal, timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        client.close()
+        journal.close()
+    assert log_fields(line)[0]["end"] == "quit", line
+
+
 def test_help_and_version(binary):
     p = run_pipe(binary, ["--help"])
     assert p.returncode == 0 and p.stderr == b""
