@@ -1664,22 +1664,10 @@ int main(int argc, char** argv) {
     if (options.log != LogTarget::none) add_peer(peer, connection.in);
     Session session(replies, options.max_commands);
 
-    // Everything that needs the system, before the sandbox: where the log
-    // goes (fstat), the syslog socket and the time zone it stamps, and the
-    // backstop's own socket and signal handler.
-    backstop.target = effective_target(options.log);
-    if (backstop.target == LogTarget::syslog) {
-        open_syslog();
-        tzset();
-        open_backstop_socket();
-        // /dev/log takes nothing (no syslog daemon, as in a container; the
-        // unit's RestrictAddressFamilies=none refuses the socket):
-        // syslog(3) would drop the line unseen.  Standard error takes it,
-        // unless it is the connection.
-        if (backstop.socket < 0 && !stderr_is_connection()) backstop.target = LogTarget::stderr_;
-    }
-    // The backstop, armed before the first byte to the client; its line
-    // is ready long before the alarm can ring.
+    // The backstop, armed before anything can block: syslog(3)'s connect
+    // below waits on a stream /dev/log whose daemon accepts no one, and
+    // then the alarm ends the process, silently, as no line is ready yet.
+    // The session's line is ready long before the alarm can ring.
     struct sigaction on_alarm_action{};
     on_alarm_action.sa_handler = on_alarm;
     sigaction(SIGALRM, &on_alarm_action, nullptr);
@@ -1694,6 +1682,21 @@ int main(int argc, char** argv) {
     // seconds (measured: a third of the cut sessions), and the alarm would
     // end it without its 521.  It guards against a blocked log, as before.
     alarm(static_cast<unsigned>(options.timeout_seconds + backstop_seconds));
+
+    // Everything that needs the system, before the sandbox: where the log
+    // goes (fstat), the syslog socket and the time zone it stamps, and the
+    // backstop's own socket.
+    backstop.target = effective_target(options.log);
+    if (backstop.target == LogTarget::syslog) {
+        open_syslog();
+        tzset();
+        open_backstop_socket();
+        // /dev/log takes nothing (no syslog daemon, as in a container; the
+        // unit's RestrictAddressFamilies=none refuses the socket):
+        // syslog(3) would drop the line unseen.  Standard error takes it,
+        // unless it is the connection.
+        if (backstop.socket < 0 && !stderr_is_connection()) backstop.target = LogTarget::stderr_;
+    }
     // Nothing from the client has been read yet.
     backstop.sandbox = confine();
     prepare_backstop(session, (static_cast<Millis>(options.timeout_seconds) + backstop_seconds) * 1000, peer);

@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 
 import pytest
 
 import catch2
 from harness import (BYE, BYE_521, GREET, HERE, HOST_LIMIT, ROOT, Child, build, cgroup_hierarchies, cgroup_mounts, crlf,
-                     fields, need, read_to_eof, wait_for)
+                     cut_by, fields, need, read_to_eof, wait_for)
 
 BINARIES = [build("smtp521"), build("smtp521-asan")]
 # i386's glibc sends socket calls through socketcall(2), which the filter
@@ -485,6 +486,56 @@ def test_the_backstop_reaches_a_stream_syslog(name, tmp_path):
         listener.close()
         for c in connections:
             c.close()
+
+
+@pytest.mark.needs("root", "mountns")
+@pytest.mark.parametrize("name", BINARIES)
+def test_a_stream_syslog_that_accepts_no_one_cannot_hold_a_session(name, tmp_path):
+    # A stream /dev/log whose accept queue is full (a daemon that stopped
+    # accepting): syslog(3)'s connect, made before the first byte to the
+    # client, blocks.  The alarm is armed before it, so the process still
+    # ends by -t's deadline and the backstop's 2 seconds, having told the
+    # client nothing (there is no session to refuse), where it once waited
+    # for the daemon for ever.
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    sock_path = str(tmp_path / "log.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(0)
+    # A backlog of 0 holds one connection that no one accepts; the next
+    # connect blocks (a non-blocking one says EAGAIN: the queue is full).
+    fillers = []
+    while True:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        try:
+            filler.connect(sock_path)
+        except BlockingIOError:
+            filler.close()
+            break
+        fillers.append(filler)
+    # smtp521(8): "a process ends at most 3 seconds after its deadline".
+    timeout, past_deadline = 1, 3
+    argv = [os.path.join(HERE, "with-devlog"), str(dev), sock_path, binary_path(name), "-H", "mx.test", "-t",
+            str(timeout)]
+    started = time.monotonic()
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        try:
+            out, _ = p.communicate(timeout=cut_by(timeout) + past_deadline)
+        except subprocess.TimeoutExpired:
+            pytest.fail("still held by syslog's connect")
+        took = time.monotonic() - started
+        assert p.returncode == 0 and out == b"", (p.returncode, out)
+        assert timeout < took, took  # ended by the alarm, not before its deadline
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        listener.close()
+        for f in fillers:
+            f.close()
 
 
 def children_of(pid):
