@@ -16,13 +16,15 @@ from harness import ROOT
 # What passes without a filter, by design: that the filter lets the
 # session's own calls through (and those the kernel makes it call after a
 # stop, a tracer or the freezer; the backstop's send on its connected
-# socket), and that ASan still reports under it.
+# socket, and its alarm, armed before syslog's connect), and that ASan
+# still reports under it.
 CONTROLS = ("the filter lets the session's own calls through",
             "under the filter, AddressSanitizer still reports",
             "restart_syscall, which the kernel makes a stopped poll() call, is allowed",
             "test_a_stopped_traced_or_frozen_session_still_answers",
             "test_the_backstop_reaches_syslog_through_its_connected_socket",
-            "test_the_backstop_reaches_a_stream_syslog")
+            "test_the_backstop_reaches_a_stream_syslog",
+            "test_a_stream_syslog_that_accepts_no_one_cannot_hold_a_session")
 
 
 def tracked_tree(dest):
