@@ -14,7 +14,7 @@ import pytest
 
 from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, MODES, OK_MAIL, PRIVATE, REFUSAL, ROOT,
                      SESSION_IN, SESSION_OUT, Child, Syslog, crlf, current_syscall, cut_by, default_name, fields, fill,
-                     help_text, option_range, read_to_eof)
+                     help_text, option_range, read_to_eof, serving)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -298,19 +298,11 @@ def test_the_drain_keeps_replies_in_flight_from_a_reset(binary):
     client.connect(listener.getsockname())
     server, _ = listener.accept()
     listener.close()
-    p = subprocess.Popen([binary, "-H", "mx.test", "-n", "1000", "-l", "none"], stdin=server.fileno(),
-                         stdout=server.fileno(), env=ENV)
-    server.close()
-    try:
+    with client, serving([binary, "-H", "mx.test", "-n", "1000", "-l", "none"], server, env=ENV) as p:
         commands = 600  # 8.4 KB of replies: more than the client's window, less than the server's buffer
         client.sendall(crlf(*["NOOP"] * commands, "QUIT") + b"X" * (64 * 1024))
         assert p.wait(timeout=30) == 0
         out = read_to_eof(client, timeout=10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        client.close()
     assert out == GREET + b"250 2.0.0 Ok\r\n" * commands + BYE, (len(out), out[-60:])
 
 
@@ -470,21 +462,13 @@ def test_log_to_stderr_reaches_a_socket_that_is_not_the_connection(binary):
     # connection.
     journal, err = socket.socketpair()
     client, server = socket.socketpair()
-    p = subprocess.Popen([binary, "-H", "mx.test", "-l", "stderr"], stdin=server.fileno(), stdout=server.fileno(),
-                         stderr=err.fileno(), env=ENV)
-    server.close()
-    err.close()
-    try:
+    with client, journal, serving([binary, "-H", "mx.test", "-l", "stderr"], server, stderr=err.fileno(),
+                                  env=ENV) as p:
+        err.close()
         client.sendall(crlf("QUIT"))
         assert read_to_eof(client, timeout=10) == GREET + BYE
         assert p.wait(timeout=10) == 0
         line = read_to_eof(journal, timeout=10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        client.close()
-        journal.close()
     assert log_fields(line)[0]["end"] == "quit", line
 
 

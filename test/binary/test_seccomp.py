@@ -4,6 +4,7 @@ finds no refused call), and a kernel that refuses the filter costs the
 filter, not the session.  The Catch2 cases of test/unit/seccomp.cpp test the
 filter itself: what it refuses, on every architecture (test_arch.py runs
 the other architectures' builds under their own kernels)."""
+import contextlib
 import glob
 import os
 import re
@@ -18,7 +19,7 @@ import pytest
 
 import catch2
 from harness import (BYE, BYE_521, GREET, HERE, HOST_LIMIT, ROOT, Child, build, cgroup_hierarchies, cgroup_mounts, crlf,
-                     cut_by, fields, need, read_to_eof, wait_for)
+                     cut_by, fields, need, read_to_eof, started, wait_for)
 
 BINARIES = [build("smtp521"), build("smtp521-asan")]
 # i386's glibc sends socket calls through socketcall(2), which the filter
@@ -74,6 +75,29 @@ def test_filter_is_on_while_the_session_waits(name):
 # LeakSanitizer cannot run under ptrace; the leak check is not what these
 # traces are for.
 TRACED_ENV = {"PATH": "/usr/bin:/bin", "ASAN_OPTIONS": "detect_leaks=0"}
+
+
+@contextlib.contextmanager
+def devlog(tmp_path, kind=socket.SOCK_DGRAM, backlog=None):
+    """A /dev/log of the test's own: yields the listening socket and the
+    argv prefix that runs a command with it bind-mounted on /dev/log, in a
+    mount namespace of its own (HERE/with-devlog); closes it at the end."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    path = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, kind) as listener:
+        listener.bind(path)
+        if backlog is not None:
+            listener.listen(backlog)
+        yield listener, [os.path.join(HERE, "with-devlog"), str(dev), path]
+
+
+def session_of(p):
+    """The smtp521 process that p is or started (with-devlog forks)."""
+    session = wait_for(lambda: [c for c in [p.pid] + children_of(p.pid) if comm(c).startswith("smtp521")],
+                       timeout=20)
+    assert session, "no smtp521 process"
+    return session[0]
 
 
 def traced(argv, trace):
@@ -183,25 +207,17 @@ def test_no_call_is_refused_when_logging_to_syslog(name, tmp_path):
     # syslog(3) after the filter: the socket was opened and connected
     # before it (LOG_NDELAY), the time zone read; only send and getpid remain.
     binary = binary_path(name)
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    sock_path = str(tmp_path / "log.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(sock_path)
-    try:
-        trace = str(tmp_path / "trace")
-        argv = [os.path.join(HERE, "with-devlog"), str(dev), sock_path] + \
-            traced([binary, "-H", "mx.test"], trace)
-        p = subprocess.run(argv, input=SESSION, capture_output=True, timeout=30)
+    trace = str(tmp_path / "trace")
+    with devlog(tmp_path) as (listener, under_devlog):
+        p = subprocess.run(under_devlog + traced([binary, "-H", "mx.test"], trace), input=SESSION,
+                           capture_output=True, timeout=30)
         assert p.returncode == 0, p.stderr
         listener.settimeout(5)
         message = listener.recv(8192).decode()
-        assert re.match(r"<22>\w{3} [ \d]\d \d\d:\d\d:\d\d smtp521\[\d+\]: peer=local end=quit ", message), message
-        assert fields(message)["sandbox"] == "on", message
-        installed, refused = refused_after_filter(trace)
-        assert installed and refused == [], refused
-    finally:
-        listener.close()
+    assert re.match(r"<22>\w{3} [ \d]\d \d\d:\d\d:\d\d smtp521\[\d+\]: peer=local end=quit ", message), message
+    assert fields(message)["sandbox"] == "on", message
+    installed, refused = refused_after_filter(trace)
+    assert installed and refused == [], refused
 
 
 @pytest.mark.needs("strace")
@@ -322,17 +338,12 @@ def run_interrupted(binary, kind, interrupt):
     command; returns what the client read and the log line."""
     argv = [binary, "-H", "mx.test", "-l", "stderr"]
     if kind == "pipe":
-        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=TRACED_ENV)
-        try:
+        with started(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     env=TRACED_ENV) as p:
             greeting = p.stdout.readline()
             assert wait_for(lambda: waits_in_poll(p.pid)), "not waiting in poll()"
             interrupt(p.pid)
             out, err = p.communicate(b"QUIT\r\n", timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         return greeting + out, err.decode()
     c = Child(binary, argv[1:], sock_kind=kind, env=TRACED_ENV)
     greeting = c.read_lines(1)
@@ -380,53 +391,36 @@ def test_the_backstop_reaches_syslog_through_its_connected_socket(name, tmp_path
     # then sends the prepared end=alarm line on the backstop's socket,
     # connected to /dev/log before the filter (which refuses a send to an
     # address): once the queue drains, that line arrives.
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    sock_path = str(tmp_path / "log.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(sock_path)
-    # One sender's own buffer runs out first: senders until the listener's
-    # queue is full (net.unix.max_dgram_qlen), which blocks every sender.
-    fillers, queued = [], 0
-    while not fillers or fillers[-1][1]:
-        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        filler.connect(sock_path)
-        filler.setblocking(False)
-        sent = 0
-        try:
-            while True:
-                filler.send(b"filler")
-                sent += 1
-        except BlockingIOError:
-            pass
-        fillers.append((filler, sent))
-        queued += sent
-    argv = [os.path.join(HERE, "with-devlog"), str(dev), sock_path, binary_path(name), "-H", "mx.test",
-            "-t", "1"]
-    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=TRACED_ENV)
-    try:
-        assert p.stdout.readline() == GREET
-        session = wait_for(lambda: [c for c in [p.pid] + children_of(p.pid) if comm(c).startswith("smtp521")],
-                           timeout=20)
-        assert session, "no smtp521 process"
-        assert wait_for(lambda: alarm_handler_running(session[0]), timeout=20), "the alarm did not ring"
-        listener.settimeout(10)
-        lines = []
-        while not lines or b"filler" in lines[-1]:
-            lines.append(listener.recv(8192))
-        assert len(lines) == queued + 1, (queued, lines[-3:])
-        message = lines[-1].decode()
-        assert re.match(r"<22>smtp521\[\d+\]: peer=local end=alarm ", message), message
-        assert fields(message)["sandbox"] == "on", message
-        assert p.wait(timeout=20) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        listener.close()
-        for filler, _ in fillers:
-            filler.close()
+    with devlog(tmp_path) as (listener, under_devlog), contextlib.ExitStack() as fillers:
+        # One sender's own buffer runs out first: senders until the
+        # listener's queue is full (net.unix.max_dgram_qlen), which blocks
+        # every sender.
+        queued, sent = 0, None
+        while sent != 0:
+            filler = fillers.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+            filler.connect(listener.getsockname())
+            filler.setblocking(False)
+            sent = 0
+            try:
+                while True:
+                    filler.send(b"filler")
+                    sent += 1
+            except BlockingIOError:
+                pass
+            queued += sent
+        with started(under_devlog + [binary_path(name), "-H", "mx.test", "-t", "1"], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=TRACED_ENV) as p:
+            assert p.stdout.readline() == GREET
+            assert wait_for(lambda: alarm_handler_running(session_of(p)), timeout=20), "the alarm did not ring"
+            listener.settimeout(10)
+            lines = []
+            while not lines or b"filler" in lines[-1]:
+                lines.append(listener.recv(8192))
+            assert p.wait(timeout=20) == 0
+    assert len(lines) == queued + 1, (queued, lines[-3:])
+    message = lines[-1].decode()
+    assert re.match(r"<22>smtp521\[\d+\]: peer=local end=alarm ", message), message
+    assert fields(message)["sandbox"] == "on", message
 
 
 def alarm_pending(pid):
@@ -446,46 +440,29 @@ def test_the_backstop_reaches_a_stream_syslog(name, tmp_path):
     # the process is gone; the session is held past its alarm (stopped, as
     # a blocked log holds it), so the handler runs at SIGCONT.  Its line
     # arrives framed as glibc frames it (glibc 2.36 seen: a NUL after it).
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    sock_path = str(tmp_path / "log.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    listener.listen(8)
-    argv = [os.path.join(HERE, "with-devlog"), str(dev), sock_path, binary_path(name), "-H", "mx.test", "-t", "1"]
-    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=TRACED_ENV)
-    connections = []
-    try:
+    received = b""
+    with devlog(tmp_path, socket.SOCK_STREAM, backlog=8) as (listener, under_devlog), \
+            started(under_devlog + [binary_path(name), "-H", "mx.test", "-t", "1"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=TRACED_ENV) as p:
         assert p.stdout.readline() == GREET
-        session = wait_for(lambda: [c for c in [p.pid] + children_of(p.pid) if comm(c).startswith("smtp521")],
-                           timeout=20)
-        assert session, "no smtp521 process"
-        os.kill(session[0], signal.SIGSTOP)
-        assert wait_for(lambda: alarm_pending(session[0]), timeout=20), "the alarm did not come"
-        os.kill(session[0], signal.SIGCONT)
+        session = session_of(p)
+        os.kill(session, signal.SIGSTOP)
+        assert wait_for(lambda: alarm_pending(session), timeout=20), "the alarm did not come"
+        os.kill(session, signal.SIGCONT)
         assert p.wait(timeout=20) == 0
         listener.setblocking(False)
         while True:
             try:
-                connections.append(listener.accept()[0])
+                connection = listener.accept()[0]
             except BlockingIOError:
                 break
-        received = b""
-        for c in connections:
-            received += read_to_eof(c, timeout=10)
-        messages = received.split(b"\0")
-        assert messages[-1] == b"", received  # every message ends in a NUL
-        alarms = [m.decode() for m in messages if b" end=alarm " in m]
-        assert len(alarms) == 1 and re.match(r"<22>smtp521\[\d+\]: peer=local end=alarm ", alarms[0]), received
-        assert fields(alarms[0])["sandbox"] == "on", alarms
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        listener.close()
-        for c in connections:
-            c.close()
+            with connection:
+                received += read_to_eof(connection, timeout=10)
+    messages = received.split(b"\0")
+    assert messages[-1] == b"", received  # every message ends in a NUL
+    alarms = [m.decode() for m in messages if b" end=alarm " in m]
+    assert len(alarms) == 1 and re.match(r"<22>smtp521\[\d+\]: peer=local end=alarm ", alarms[0]), received
+    assert fields(alarms[0])["sandbox"] == "on", alarms
 
 
 @pytest.mark.needs("root", "mountns")
@@ -497,45 +474,29 @@ def test_a_stream_syslog_that_accepts_no_one_cannot_hold_a_session(name, tmp_pat
     # ends by -t's deadline and the backstop's 2 seconds, having told the
     # client nothing (there is no session to refuse), where it once waited
     # for the daemon for ever.
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    sock_path = str(tmp_path / "log.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    listener.listen(0)
-    # A backlog of 0 holds one connection that no one accepts; the next
-    # connect blocks (a non-blocking one says EAGAIN: the queue is full).
-    fillers = []
-    while True:
-        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        filler.setblocking(False)
-        try:
-            filler.connect(sock_path)
-        except BlockingIOError:
-            filler.close()
-            break
-        fillers.append(filler)
     # smtp521(8): "a process ends at most 3 seconds after its deadline".
     timeout, past_deadline = 1, 3
-    argv = [os.path.join(HERE, "with-devlog"), str(dev), sock_path, binary_path(name), "-H", "mx.test", "-t",
-            str(timeout)]
-    started = time.monotonic()
-    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        try:
-            out, _ = p.communicate(timeout=cut_by(timeout) + past_deadline)
-        except subprocess.TimeoutExpired:
-            pytest.fail("still held by syslog's connect")
-        took = time.monotonic() - started
-        assert p.returncode == 0 and out == b"", (p.returncode, out)
-        assert timeout < took, took  # ended by the alarm, not before its deadline
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        listener.close()
-        for f in fillers:
-            f.close()
+    # A backlog of 0 holds one connection that no one accepts; the next
+    # connect blocks (a non-blocking one says EAGAIN: the queue is full).
+    with devlog(tmp_path, socket.SOCK_STREAM, backlog=0) as (listener, under_devlog), \
+            contextlib.ExitStack() as fillers:
+        while True:
+            filler = fillers.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            filler.setblocking(False)
+            try:
+                filler.connect(listener.getsockname())
+            except BlockingIOError:
+                break
+        t0 = time.monotonic()
+        with started(under_devlog + [binary_path(name), "-H", "mx.test", "-t", str(timeout)],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+            try:
+                out, _ = p.communicate(timeout=cut_by(timeout) + past_deadline)
+            except subprocess.TimeoutExpired:
+                pytest.fail("still held by syslog's connect")
+            took = time.monotonic() - t0
+    assert p.returncode == 0 and out == b"", (p.returncode, out)
+    assert timeout < took, took  # ended by the alarm, not before its deadline
 
 
 def children_of(pid):

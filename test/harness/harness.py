@@ -3,6 +3,7 @@ test/conftest.py): the binary started as a super-server starts it, the
 loopback client, the super-servers, a private /dev/log, a private systemd,
 and the checks for what a test needs (root, namespaces, tools), each done
 once and each naming what is missing."""
+import contextlib
 import errno
 import fcntl
 import functools
@@ -351,6 +352,31 @@ def need(*capabilities):
 
 
 # ------------------------------------------------------------ the binary on a socket
+
+@contextlib.contextmanager
+def started(argv, **popen):
+    """A process of the test's own (subprocess.Popen(argv, **popen)) for the
+    block: killed and reaped at its end if it still runs, so that a failed
+    assertion leaves nothing behind."""
+    p = subprocess.Popen(argv, **popen)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@contextlib.contextmanager
+def serving(argv, server, **popen):
+    """argv served as a super-server starts it, on `server`, an accepted
+    connection (or one end of a socketpair) on stdin and stdout; this
+    process's copy of it is closed at once, so the client sees EOF when
+    the server ends.  Killed at the end of the block if it still runs."""
+    with started(argv, stdin=server.fileno(), stdout=server.fileno(), **popen) as p:
+        server.close()
+        yield p
+
 
 class Child:
     """smtp521 started the way a super-server starts it, on one end of a
