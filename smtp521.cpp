@@ -881,13 +881,17 @@ void format_log(LogLine& log, const Session& s, EndReason end, Millis elapsed, c
 
 // Under inetd fds 0, 1 and 2 are all the connection; under systemd too,
 // unless the unit says StandardError=.  Whatever goes to stderr then goes to
-// the client, so it must not be written there.
+// the client, so it must not be written there.  The connection is what
+// smtp521 reads, fd 0: a socket that stdout and stderr share but stdin
+// is not (a unit's ExecStartPre=, with both to the journal: the socket's
+// --check) is the journal, where a usage error must go, and not only by
+// syslog, whose message the journal ties to no unit once the process
+// has gone.
 bool stderr_is_connection() {
-    struct stat err{}, in{}, out{};
+    struct stat err{}, in{};
     if (fstat(2, &err) != 0) return true;  // closed: nowhere to write
     if (!S_ISSOCK(err.st_mode)) return false;
-    auto same = [&](const struct stat& other) { return err.st_dev == other.st_dev && err.st_ino == other.st_ino; };
-    return (fstat(0, &in) == 0 && same(in)) || (fstat(1, &out) == 0 && same(out));
+    return fstat(0, &in) == 0 && err.st_dev == in.st_dev && err.st_ino == in.st_ino;
 }
 
 // Where the log line really goes: stderr only if it is not the connection.

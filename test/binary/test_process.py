@@ -14,7 +14,7 @@ import pytest
 
 from harness import (BYE, BYE_521, EHLO, GREET, GREET_521, LOG_FIELDS, MODES, OK_MAIL, PRIVATE, REFUSAL, ROOT,
                      SESSION_IN, SESSION_OUT, Child, Syslog, crlf, current_syscall, cut_by, default_name, fields, fill,
-                     help_text, option_range, read_to_eof, serving)
+                     help_text, option_range, read_to_eof, serving, started)
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -470,6 +470,21 @@ def test_log_to_stderr_reaches_a_socket_that_is_not_the_connection(binary):
         assert p.wait(timeout=10) == 0
         line = read_to_eof(journal, timeout=10)
     assert log_fields(line)[0]["end"] == "quit", line
+
+
+def test_a_usage_error_reaches_the_journal_that_stdout_shares(binary):
+    # A unit's ExecStartPre= (the socket's --check): stdin /dev/null, stdout
+    # and stderr one journal stream.  The connection is what smtp521 reads,
+    # fd 0, so this stderr is none, and a bad option is said there, not
+    # only by syslog, whose message journald ties to the unit only if it
+    # finds the process still alive (systemctl status then lacks the why).
+    journal, stream = socket.socketpair()
+    with journal, started([binary, "--check", "-l", "stderr", "-m", "no", "mail"], stdin=subprocess.DEVNULL,
+                          stdout=stream.fileno(), stderr=stream.fileno(), env=ENV) as p:
+        stream.close()
+        assert p.wait(timeout=10) == 64
+        said = read_to_eof(journal, timeout=10)
+    assert said == b"smtp521: unexpected argument 'mail' (see smtp521 --help)\n", said
 
 
 def test_help_and_version(binary):
