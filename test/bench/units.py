@@ -35,7 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "harness"))
-from harness import ROOT, Systemd, cgroup_mounts, free_port, talk, unit_dir  # noqa: E402
+from harness import ROOT, Cgroup, Systemd, cgroup_mounts, free_port, talk, unit_dir  # noqa: E402
 
 OUT = os.path.join(HERE, "out")
 SESSIONS = int(os.environ.get("BENCH_UNIT_SESSIONS", "60"))
@@ -122,54 +122,6 @@ def log(*args):
 
 
 # ------------------------------------------------------------ cgroups
-
-class Cgroup:
-    """A cgroup of our own in the cgroup2 hierarchy (and, where systemd
-    runs in hybrid mode, the same path in its name=systemd hierarchy, so
-    that the private systemd builds its tree inside it)."""
-
-    def __init__(self, name):
-        v2, named = cgroup_mounts()
-        if v2 is None:
-            raise SystemExit("units.py: no cgroup2 hierarchy mounted")
-        self.dirs = [os.path.join(v2, name)] + ([os.path.join(named, name)] if named else [])
-        for d in self.dirs:
-            os.mkdir(d)
-        self.v2 = self.dirs[0]
-
-    def join_argv(self):
-        """A shell prefix that moves itself into the cgroup, then execs "$@"."""
-        moves = "".join(f'echo $$ > "{d}/cgroup.procs"; ' for d in self.dirs)
-        return ["sh", "-c", moves + 'exec "$@"', "sh"]
-
-    def usage_usec(self):
-        with open(os.path.join(self.v2, "cpu.stat")) as f:
-            for line in f:
-                k, v = line.split()
-                if k == "usage_usec":
-                    return int(v)
-        raise RuntimeError("no usage_usec")
-
-    def instances(self, prefix):
-        """Service instance cgroups (at any depth) whose name starts with prefix."""
-        return [d for _, ds, _ in os.walk(self.v2) for d in ds if d.startswith(prefix) and "@" in d]
-
-    def procs(self):
-        with open(os.path.join(self.v2, "cgroup.procs")) as f:
-            return f.read().split()
-
-    def remove(self):
-        for top in self.dirs:
-            deadline = time.monotonic() + 10
-            while os.path.isdir(top) and time.monotonic() < deadline:
-                for d, ds, _ in os.walk(top, topdown=False):
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        pass
-                if os.path.isdir(top):
-                    time.sleep(0.1)
-
 
 def kworker_ticks():
     """utime+stime (clock ticks) of every kworker thread of the machine."""
@@ -268,8 +220,8 @@ def private_systemd(unitdir, binary, cg, etc):
     STATIC_USER (bound in a mount namespace of its own, which
     with-systemd's namespace inherits)."""
     bind = f'mount --bind "{etc}" /etc; exec "$@"'
-    return Systemd(unitdir, binary, timeout=30,
-                   prefix=cg.join_argv() + ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind, "sh"])
+    return Systemd(unitdir, binary, timeout=30, cgroup=cg,
+                   prefix=["unshare", "--mount", "--propagation", "private", "sh", "-c", bind, "sh"])
 
 
 class Inetd:

@@ -639,27 +639,68 @@ def cgroup_mounts():
     return v2, named
 
 
-def cgroup_dirs():
-    """Every cgroup directory of every mounted hierarchy."""
-    return {d for mnt, _, _ in cgroup_hierarchies() for d, _, _ in os.walk(mnt)}
+class Cgroup:
+    """A cgroup of the tests' own, `name` at the top of every mounted
+    hierarchy: a private systemd started in it (join_argv()) builds its
+    whole tree inside, and remove() takes that tree away and nothing else.
+    Other cgroups made meanwhile (podman's testbeds, another test run, the
+    host's own systemd) are not the tests' to remove."""
 
+    def __init__(self, name):
+        v2, _ = cgroup_mounts()
+        self.name = name
+        # In every hierarchy, as a container manager does: systemd takes
+        # its root from name=systemd (or cgroup2) and uses a v1 controller
+        # (memory, pids, cpu) only where that same path exists.  A new v1
+        # cpuset takes no process until it has CPUs and memory nodes: its
+        # parent's.
+        self.dirs = []
+        for mnt, _, opts in cgroup_hierarchies():
+            d = os.path.join(mnt, name)
+            os.mkdir(d)
+            self.dirs.append(d)
+            if "cpuset" in opts:
+                for knob in ("cpuset.cpus", "cpuset.mems"):
+                    with open(os.path.join(mnt, knob)) as f, open(os.path.join(d, knob), "w") as g:
+                        g.write(f.read())
+        self.v2 = os.path.join(v2, name) if v2 else None
 
-def remove_new_cgroups(before, timeout=5):
-    """Remove the cgroups made since `before` (cgroup_dirs()), deepest
-    first, once the processes in them are gone."""
-    deadline = time.monotonic() + timeout
-    while True:
-        busy = False
-        for d in sorted(cgroup_dirs() - before, key=lambda d: -d.count("/")):
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                busy = True
-        if not busy or time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
+    def join_argv(self):
+        """A shell prefix that moves itself into the cgroup, then execs "$@"."""
+        moves = "".join(f'echo $$ > "{d}/cgroup.procs"; ' for d in self.dirs)
+        return ["sh", "-c", moves + 'exec "$@"', "sh"]
+
+    def usage_usec(self):
+        with open(os.path.join(self.v2, "cpu.stat")) as f:
+            for line in f:
+                k, v = line.split()
+                if k == "usage_usec":
+                    return int(v)
+        raise RuntimeError("no usage_usec")
+
+    def instances(self, prefix):
+        """Service instance cgroups (at any depth) whose name starts with prefix."""
+        return [d for _, ds, _ in os.walk(self.v2) for d in ds if d.startswith(prefix) and "@" in d]
+
+    def procs(self):
+        with open(os.path.join(self.v2, "cgroup.procs")) as f:
+            return f.read().split()
+
+    def remove(self, timeout=10):
+        """Its tree in every hierarchy, deepest first, once the processes in
+        it are gone; returns what is still there after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for top in self.dirs:
+                for d, _, _ in os.walk(top, topdown=False):
+                    try:
+                        os.rmdir(d)
+                    except OSError:
+                        pass
+            left = [top for top in self.dirs if os.path.isdir(top)]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.05)
 
 
 def children(pid):
@@ -789,15 +830,21 @@ class Systemd:
     as test/harness/no-userns does); `prefix`: an argv that runs with-systemd
     (and must exec it: bench/units.py joins a cgroup and binds an /etc)."""
 
-    def __init__(self, unitdir, binary, timeout=20, wrapper=None, prefix=()):
+    booted = 0
+
+    def __init__(self, unitdir, binary, timeout=20, wrapper=None, prefix=(), cgroup=None):
         # Its console is a pseudo-terminal (test/harness/with-systemd puts it on
         # /dev/console, where PID 1 writes), read here.
-        # It shares the host's cgroup hierarchies, and is killed rather
-        # than shut down: stop() removes the cgroups it made.
-        self.cgroups_before = cgroup_dirs()
+        # It shares the host's cgroup hierarchies, in a cgroup of its own
+        # (`cgroup`, or one made here and removed by stop()), and is killed
+        # rather than shut down.
+        Systemd.booted += 1
+        self.own_cgroup = cgroup is None
+        self.cgroup = cgroup or Cgroup(f"smtp521-test-{os.getpid()}-{Systemd.booted}")
         master, slave = os.openpty()
         env = dict(os.environ, WITH_SYSTEMD_WRAPPER=wrapper) if wrapper else None
-        self.proc = subprocess.Popen(list(prefix) + [os.path.join(HERE, "with-systemd"), unitdir, binary],
+        self.proc = subprocess.Popen(self.cgroup.join_argv() + list(prefix)
+                                     + [os.path.join(HERE, "with-systemd"), unitdir, binary],
                                      stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
         os.close(slave)
         self.output = Output(os.fdopen(master, "rb"))
@@ -875,17 +922,15 @@ class Systemd:
         controller is on; {} before the unit has a cgroup), or None without
         a cgroup2 hierarchy."""
         v2, _ = cgroup_mounts()
-        group = self.ctl("show", "-p", "ControlGroup", "--value", unit).stdout.strip()
-        with open(f"/proc/{self.pid}/cgroup") as f:
-            root = next((line[3:].strip() for line in f if line.startswith("0::")), None)
-        if v2 is None or root is None:
+        if v2 is None:
             return None
+        # ControlGroup is the unit's path from the hierarchy's top: systemd
+        # puts its root, the cgroup it started in (self.cgroup), in front.
+        group = self.ctl("show", "-p", "ControlGroup", "--value", unit).stdout.strip()
         if not group:
             return {}  # no cgroup yet: nothing used
-        # The private systemd's units hang below the cgroup it started in.
-        root = re.sub(r"/init\.scope$", "", root).rstrip("/")
         try:
-            with open(f"{v2}{root}{group}/cpu.stat") as f:
+            with open(f"{v2}{group}/cpu.stat") as f:
                 return {k: int(v) for k, v in (line.split() for line in f)}
         except OSError:
             return None
@@ -911,7 +956,10 @@ class Systemd:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=10)
-        remove_new_cgroups(self.cgroups_before)
+        if self.own_cgroup:
+            left = self.cgroup.remove()
+            if left:
+                print(f"---- cgroups still busy, left in place: {left}")
         print(f"---- systemd's console:\n{self.output.text(join=True)[-4000:]}")
 
 
