@@ -395,8 +395,10 @@ def test_readme_deploy_commands_name_what_the_tree_has():
                     if words[1] in ("enable", "disable"):
                         assert "\nWantedBy=sockets.target\n" in read(unit), unit
             elif words[0] == "journalctl":
-                assert words[1:] == ["-t", re.search(r"^SyslogIdentifier=(\S+)$", read("smtp521@.service"),
-                                                     re.M).group(1)], part
+                # The sessions' identifier, or the socket's check's.
+                idents = [re.search(r"^SyslogIdentifier=(\S+)$", read(unit), re.M).group(1)
+                          for unit in ("smtp521@.service", "smtp521.socket")]
+                assert words[1] == "-t" and words[2:] and words[2] in idents and words[3:] == [], part
             elif part == "apt install ./smtp521_*.deb":
                 assert re.search(r"^DEBOUT \?= \.$", read("Makefile"), re.M), "make deb leaves the .deb elsewhere"
             else:

@@ -558,7 +558,7 @@ def test_install_with_bad_options_succeeds_and_says_what_to_do(package, systemd)
         assert ns.state() == ("failed", "enabled"), ns.state()
         msg = " ".join(p.stderr.split())
         assert "its check of the options in /etc/default/smtp521 failed" in msg, msg
-        assert "`systemctl status smtp521.socket`" in msg and "could not listen" not in msg, msg
+        assert "`journalctl -t smtp521-check`" in msg and "could not listen" not in msg, msg
         status = ns.sd.ctl("status", "smtp521.socket", check=False).stdout
         assert "status=64" in status, status
     finally:
