@@ -625,10 +625,20 @@ def wait_listening(port, host="127.0.0.1", family=socket.AF_INET, timeout=10):
 
 
 def cgroup_hierarchies():
-    """(mount point, fstype, options) of each mounted cgroup hierarchy."""
-    with open("/proc/self/mounts") as f:
-        found = [line.split()[1:4] for line in f]
-    return [(mnt, fstype, opts.split(",")) for mnt, fstype, opts in found if fstype in ("cgroup", "cgroup2")]
+    """(mount point, fstype, options) of each mounted cgroup hierarchy, once:
+    where it is mounted first, whole (a chroot of CI's other releases binds
+    the same hierarchies again, and a container mounts parts of them)."""
+    found, seen = [], set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [TAGS] - FSTYPE SOURCE SUPEROPTIONS
+            left, right = line.split(" - ", 1)
+            _, _, device, root, mnt = left.split()[:5]
+            fstype, _, superopts = right.split()[:3]
+            if fstype in ("cgroup", "cgroup2") and root == "/" and device not in seen:
+                seen.add(device)
+                found.append((mnt.replace("\\040", " "), fstype, superopts.split(",")))
+    return found
 
 
 def cgroup_mounts():
@@ -655,14 +665,18 @@ class Cgroup:
         # cpuset takes no process until it has CPUs and memory nodes: its
         # parent's.
         self.dirs = []
-        for mnt, _, opts in cgroup_hierarchies():
-            d = os.path.join(mnt, name)
-            os.mkdir(d)
-            self.dirs.append(d)
-            if "cpuset" in opts:
-                for knob in ("cpuset.cpus", "cpuset.mems"):
-                    with open(os.path.join(mnt, knob)) as f, open(os.path.join(d, knob), "w") as g:
-                        g.write(f.read())
+        try:
+            for mnt, _, opts in cgroup_hierarchies():
+                d = os.path.join(mnt, name)
+                os.mkdir(d)
+                self.dirs.append(d)
+                if "cpuset" in opts:
+                    for knob in ("cpuset.cpus", "cpuset.mems"):
+                        with open(os.path.join(mnt, knob)) as f, open(os.path.join(d, knob), "w") as g:
+                            g.write(f.read())
+        except BaseException:
+            self.remove(timeout=0)
+            raise
         self.v2 = os.path.join(v2, name) if v2 else None
 
     def join_argv(self):
