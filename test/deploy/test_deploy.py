@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harness import (BYE, GREET, ROOT, SESSION_IN, SESSION_OUT, crlf, default_name, fields, accept_queue, free_port, inetd_conf, option_range, systemd_units, read_to_eof, talk, tcpserver_line,
+from harness import (BYE, GREET, ROOT, SESSION_IN, SESSION_OUT, cgroup_mounts, crlf, default_name, fields, accept_queue, free_port, inetd_conf, option_range, systemd_units, read_to_eof, talk, tcpserver_line,
                      wait_for, wait_listening)
 
 
@@ -529,3 +529,28 @@ def test_under_real_systemd_the_process_as_the_unit_makes_it(systemd):
         out = read_to_eof(s, got=greeting)
     assert out == SESSION_OUT.replace(b"mx.test", name), out
     assert sd.failed("smtp521@*") == []
+
+
+@pytest.mark.needs("systemd")
+def test_a_private_systemd_removes_its_own_cgroups_and_no_others(systemd):
+    # The tests share the host's cgroup hierarchies with whatever else runs
+    # there (CI's testbeds of the other releases, under podman).  A private
+    # systemd removes its own tree when it stops, and leaves alone an empty
+    # cgroup made meanwhile, which another manager is about to use (one
+    # removed under a testbed's systemd failed its sessions: "Failed to
+    # spawn executor: No such file or directory").
+    sd = systemd(systemd_units(free_port(), free_port()))
+    sd.ctl("start", "smtp521.socket")
+    own = list(sd.cgroup.dirs)
+    assert own and all(os.path.isdir(d) for d in own), own
+    foreign = [os.path.join(mnt, f"smtp521-foreign-{os.getpid()}") for mnt in cgroup_mounts() if mnt]
+    for d in foreign:
+        os.mkdir(d)
+    try:
+        sd.stop()
+        assert [d for d in own if os.path.isdir(d)] == []
+        assert [d for d in foreign if not os.path.isdir(d)] == []
+    finally:
+        for d in foreign:
+            if os.path.isdir(d):
+                os.rmdir(d)
